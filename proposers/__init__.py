@@ -1,0 +1,2 @@
+# SPDX-License-Identifier: Apache-2.0
+"""vLLM proposers for ReDrafter (installed as ``vllm_redrafter.proposers``)."""

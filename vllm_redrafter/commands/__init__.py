@@ -1,0 +1,2 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Subcommands of the ``vllm-redrafter`` console script (see :mod:`vllm_redrafter.cli`)."""

@@ -1,0 +1,332 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The ReDrafter drafter: a small recurrent network on top of the target's hidden state.
+
+Follows Apple's reference drafter (``apple/ml-recurrent-drafter``,
+``recurrent_drafting/modeling_drafter.py`` and ``train/model.py``)::
+
+    s_0 = 0
+    s_t = SiLU(rnn_w(e_t) + rnn_u(s_{t-1}))     (rnn=True; s_1 = SiLU(rnn_w(e_1) + b_u))
+    s_t = s_{t-1} + e_t                         (rnn=False; so s_1 = e_1)
+    z   = concat([h, s_t])                      (h FIRST, width 2H)
+    z   = input_proj(z)                         (only when exit_dim != 2H)
+    z   = z + SiLU(layers[k].linear(z))         (k = 0 .. num_draft_layers - 1)
+    logits = lm_head(z)                         (no bias, [Vd] outputs)
+
+``h`` is the target's post-norm last-layer hidden state at the last committed token and
+``e_t = E(x_t)`` are embeddings from the **target's** input embedding table (the drafter
+owns no embedding table); ``x_1`` is the token the target itself chose after ``h``.
+
+Differences from the reference:
+
+- The ResBlocks and the output projection are separate attributes (``layers``,
+  ``lm_head``) instead of one ``nn.Sequential`` named ``lm_head``; see
+  :mod:`vllm_redrafter.checkpoint` for the key mapping.
+- Optional reduced output vocabulary (``DrafterConfig.draft_vocab``).
+- No logits post-processing here (Apple subtracts the row max and applies a top-50 mask
+  inside the drafter); that belongs to the beam search (``draft_top_k``).
+
+Glossary: ``B`` batch, ``S`` sequence length, ``H`` target hidden size, ``E`` exit_dim,
+``V`` target vocabulary, ``Vd`` draft vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm_redrafter.config import DrafterConfig
+
+LM_HEAD_INIT_STD = 0.02
+"""Std of ``lm_head``'s normal init (small: near-uniform initial draft distribution)."""
+
+
+class ResBlock(nn.Module):
+    """``z + SiLU(linear(z))`` with ``linear: Linear(E, E, bias=True)``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        # z: [*, E]
+        return z + F.silu(self.linear(z))
+
+
+class RecurrentDrafter(nn.Module):
+    """ReDrafter's recurrent draft head (see the module docstring for the formulas).
+
+    Parameters (these names are the keys of our checkpoints):
+
+    ==================================  ==========  ================================
+    key                                 shape       present when
+    ==================================  ==========  ================================
+    ``input_proj.weight`` / ``.bias``   [E, 2H]/[E] ``config.has_input_proj``
+    ``rnn_w.weight`` (no bias)          [H, H]      ``config.rnn``
+    ``rnn_u.weight`` / ``.bias``        [H, H]/[H]  ``config.rnn``
+    ``layers.{i}.linear.weight/.bias``  [E, E]/[E]  ``i < num_draft_layers``
+    ``lm_head.weight`` (no bias)        [Vd, E]     always
+    ``draft_vocab`` (int64 buffer)      [Vd]        ``config.draft_vocab`` is set
+    ==================================  ==========  ================================
+
+    Args:
+        config: the architecture.
+        generator: optional RNG for a reproducible initialisation (default: torch's
+            global RNG). Ignored when the module is created on the ``meta`` device.
+    """
+
+    def __init__(
+        self, config: DrafterConfig, *, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        self.config = config
+        hidden, exit_dim = config.hidden_size, config.exit_dim
+
+        self.input_proj: nn.Linear | None = None
+        if config.has_input_proj:
+            self.input_proj = nn.Linear(2 * hidden, exit_dim, bias=True)
+        self.rnn_w: nn.Linear | None = None
+        self.rnn_u: nn.Linear | None = None
+        if config.rnn:
+            self.rnn_w = nn.Linear(hidden, hidden, bias=False)
+            self.rnn_u = nn.Linear(hidden, hidden, bias=True)
+        self.layers = nn.ModuleList(
+            ResBlock(exit_dim) for _ in range(config.num_draft_layers)
+        )
+        self.lm_head = nn.Linear(exit_dim, config.draft_vocab_size, bias=False)
+
+        self.draft_vocab: torch.Tensor | None
+        if config.draft_vocab is not None:
+            # [Vd] int64: draft id j -> target id draft_vocab[j]
+            self.register_buffer(
+                "draft_vocab", torch.tensor(config.draft_vocab, dtype=torch.int64)
+            )
+        else:
+            self.draft_vocab = None
+
+        if not self.lm_head.weight.is_meta:
+            self.init_weights(generator)
+
+    # ------------------------------------------------------------------ weights
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """(Re)initialise every parameter.
+
+        Linear layers get PyTorch's default ``nn.Linear`` distribution
+        (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` for weight and bias); ``lm_head`` gets
+        ``N(0, LM_HEAD_INIT_STD)``. Values are drawn on the CPU in float32 and copied,
+        so a CPU ``generator`` works whatever the module's device and dtype.
+        """
+        for name, param in self.named_parameters():
+            if name == "lm_head.weight":
+                values = torch.empty(param.shape, dtype=torch.float32)
+                values.normal_(0.0, LM_HEAD_INIT_STD, generator=generator)
+            else:
+                # weight [out, in] and bias [out] share fan_in = in_features
+                module_name = name.rsplit(".", 1)[0]
+                linear = self.get_submodule(module_name)
+                assert isinstance(linear, nn.Linear)
+                bound = 1.0 / math.sqrt(linear.in_features)
+                values = torch.empty(param.shape, dtype=torch.float32)
+                values.uniform_(-bound, bound, generator=generator)
+            param.copy_(values)
+
+    def num_parameters(self) -> int:
+        """Number of trainable scalars (buffers excluded)."""
+        return sum(param.numel() for param in self.parameters())
+
+    @property
+    def hidden_size(self) -> int:
+        """``H``."""
+        return self.config.hidden_size
+
+    @property
+    def draft_vocab_size(self) -> int:
+        """``Vd``."""
+        return self.config.draft_vocab_size
+
+    def _param_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        weight = self.lm_head.weight
+        return weight.dtype, weight.device
+
+    # ---------------------------------------------------------------- inference
+
+    def initial_state(
+        self,
+        shape_prefix: tuple[int, ...] | torch.Size,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """The RNN state before any token, ``s_0 = 0``.
+
+        Args:
+            shape_prefix: leading dims, e.g. ``(B, W)``.
+            dtype, device: default to those of the drafter's parameters.
+
+        Returns:
+            ``[*shape_prefix, H]`` zeros.
+        """
+        param_dtype, param_device = self._param_dtype_device()
+        return torch.zeros(
+            (*shape_prefix, self.hidden_size),
+            dtype=dtype if dtype is not None else param_dtype,
+            device=device if device is not None else param_device,
+        )
+
+    def update_state(
+        self, state: torch.Tensor, token_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """One recurrence step, feeding the embedding of the newest token.
+
+        Args:
+            state: ``[*, H]`` previous state ``s_{t-1}`` (zeros for ``t = 1``).
+            token_embeds: ``[*, H]`` target embedding ``e_t`` of token ``x_t``.
+
+        Returns:
+            ``[*, H]`` new state: ``SiLU(rnn_w(e_t) + rnn_u(s_{t-1}))`` if ``rnn`` else
+            ``s_{t-1} + e_t``.
+        """
+        if self.rnn_w is None or self.rnn_u is None:
+            return state + token_embeds  # [*, H]
+        return F.silu(self.rnn_w(token_embeds) + self.rnn_u(state))  # [*, H]
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Head on already concatenated features.
+
+        Args:
+            features: ``[*, 2H]`` = ``concat([hidden, state])``.
+
+        Returns:
+            ``[*, Vd]`` raw logits.
+        """
+        z = features  # [*, 2H]
+        if self.input_proj is not None:
+            z = self.input_proj(z)  # [*, E]
+        for block in self.layers:
+            z = block(z)  # [*, E]
+        return self.lm_head(z)  # [*, Vd]
+
+    def logits(self, hidden: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Draft logits for the next token.
+
+        Args:
+            hidden: ``[*, H]`` target hidden state ``h`` (broadcast to ``state``'s
+                leading dims, e.g. ``[B, 1, H]`` against ``[B, W, H]``).
+            state: ``[*, H]`` current RNN state ``s_t``.
+
+        Returns:
+            ``[*, Vd]`` raw logits (no max-subtraction, no top-k mask).
+        """
+        if hidden.shape != state.shape:
+            hidden = hidden.expand_as(state)  # [*, H]
+        features = torch.cat([hidden, state], dim=-1)  # [*, 2H], hidden FIRST
+        return self.head(features)  # [*, Vd]
+
+    # ----------------------------------------------------------------- training
+
+    def forward_train(
+        self, hidden: torch.Tensor, token_embeds: torch.Tensor, num_steps: int
+    ) -> torch.Tensor:
+        """Teacher-forced logits of ``num_steps`` drafter steps at every position.
+
+        Step ``i`` (0-based) at position ``t`` has consumed the embeddings of tokens
+        ``t+1 .. t+i+1`` (in that order) and predicts token ``t+i+2``; this is exactly
+        what inference computes when ``h = hidden[:, t]`` and the target's own next
+        token is ``tokens[t+1]``. Inputs past the end of the sequence are zero
+        embeddings; the loss must mask the corresponding labels (``t+i+2 >= S``).
+
+        Worked example, ``S = 5``, tokens ``[a, b, c, d, e]`` with embeddings
+        ``[Ea, Eb, Ec, Ed, Ee]``, ``num_steps = 2``::
+
+            position t           0     1     2     3     4
+            step 0 consumes      b     c     d     e     0
+                   predicts      c     d     e     -     -     (t=3, 4 masked)
+            step 1 consumes      b,c   c,d   d,e   e,0   0,0
+                   predicts      d     e     -     -     -     (t=2, 3, 4 masked)
+
+        i.e. step ``i`` feeds ``token_embeds`` shifted left by ``i + 1`` positions
+        (zero-filled at the end) into the recurrence.
+
+        Args:
+            hidden: ``[B, S, H]`` target post-norm hidden states.
+            token_embeds: ``[B, S, H]`` target embeddings of the same tokens.
+            num_steps: number of drafter steps (>= 1), the training horizon.
+
+        Returns:
+            ``[B, num_steps, S, Vd]`` logits; ``[:, i, t]`` scores token ``t + i + 2``.
+        """
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden must be [B, S, H={self.hidden_size}], "
+                f"got {tuple(hidden.shape)}"
+            )
+        if token_embeds.shape != hidden.shape:
+            raise ValueError(
+                f"token_embeds must have hidden's shape {tuple(hidden.shape)}, "
+                f"got {tuple(token_embeds.shape)}"
+            )
+        seq_len = hidden.shape[1]
+        state = self.initial_state(
+            hidden.shape[:-1], dtype=hidden.dtype, device=hidden.device
+        )  # [B, S, H]
+        step_logits = []
+        for step in range(num_steps):
+            shift = step + 1
+            shifted = torch.zeros_like(token_embeds)  # [B, S, H]
+            if shift < seq_len:
+                # shifted[:, t] = token_embeds[:, t + shift] for t + shift < S, else 0
+                shifted[:, : seq_len - shift] = token_embeds[:, shift:]
+            state = self.update_state(state, shifted)  # [B, S, H]
+            step_logits.append(self.logits(hidden, state))  # [B, S, Vd]
+        return torch.stack(step_logits, dim=1)  # [B, num_steps, S, Vd]
+
+    def forward(
+        self, hidden: torch.Tensor, token_embeds: torch.Tensor, num_steps: int
+    ) -> torch.Tensor:
+        """Alias of :meth:`forward_train` (so ``nn.Module.__call__`` hooks apply)."""
+        return self.forward_train(hidden, token_embeds, num_steps)
+
+    # ----------------------------------------------------------- vocab mapping
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Map draft-vocabulary ids to target ids (identity without a draft vocab).
+
+        Args:
+            draft_ids: ``[*]`` int64 ids in ``[0, Vd)``.
+
+        Returns:
+            ``[*]`` int64 target ids. Example: with ``draft_vocab = [2, 5, 7]``,
+            ``to_target_ids(tensor([0, 2])) == tensor([2, 7])``.
+        """
+        if self.draft_vocab is None:
+            return draft_ids
+        return self.draft_vocab[draft_ids]  # [*]
+
+    def target_to_draft_map(self) -> torch.Tensor:
+        """``[V]`` int64 map from target id to draft id, ``-1`` outside the draft vocab.
+
+        Example: ``V = 8``, ``draft_vocab = [2, 5, 7]`` gives
+        ``[-1, -1, 0, -1, -1, 1, -1, 2]``; without a draft vocab it is ``arange(V)``.
+        """
+        device = self.lm_head.weight.device
+        vocab_size = self.config.vocab_size
+        if self.draft_vocab is None:
+            return torch.arange(vocab_size, dtype=torch.int64, device=device)
+        mapping = torch.full((vocab_size,), -1, dtype=torch.int64, device=device)
+        mapping[self.draft_vocab] = torch.arange(
+            self.draft_vocab.numel(), dtype=torch.int64, device=device
+        )
+        return mapping  # [V]
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        return (
+            f"hidden_size={cfg.hidden_size}, exit_dim={cfg.exit_dim}, "
+            f"num_draft_layers={cfg.num_draft_layers}, rnn={cfg.rnn}, "
+            f"vocab_size={cfg.vocab_size}, draft_vocab_size={cfg.draft_vocab_size}"
+        )

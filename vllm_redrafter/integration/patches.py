@@ -1,0 +1,106 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Guarded monkeypatches of vLLM, and their ledger.
+
+Every change this project makes to vLLM's own objects is a :class:`Patch` in :data:`LEDGER`:
+why it exists, how it works, and what upstream change would let us delete it. Each patch
+checks the vLLM version and the exact signature it wraps before touching anything, and is
+applied at most once per process (re-entrant plugin loading is normal in vLLM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from vllm_redrafter.logger import get_logger
+
+logger = get_logger(__name__)
+
+
+class PatchError(RuntimeError):
+    """A patch target no longer looks like what the patch was written for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    """One guarded monkeypatch and its ledger entry."""
+
+    name: str
+    target: str  # dotted path of the patched object, e.g. "vllm...GPUModelRunner.foo"
+    why: str
+    how: str
+    remove_when: str
+    apply: Callable[[], None]  # raises PatchError if the target changed shape
+    stage: str = "plugin"
+    """When it is applied: ``"plugin"`` by :func:`apply_all` (every process, at plugin
+    load); ``"proposer"`` lazily by :func:`ensure_applied` when the ReDrafter proposer is
+    built inside a model runner (so front-end processes never import the runner module);
+    ``"refused"`` only by the plugin when it refuses the installed vLLM version."""
+
+
+LEDGER: list[Patch] = []
+_applied: list[str] = []
+
+
+def register_patch(patch: Patch) -> Patch:
+    """Add ``patch`` to the ledger (module import time); returns it unchanged."""
+    if any(p.name == patch.name for p in LEDGER):
+        raise ValueError(f"duplicate patch name {patch.name!r}")
+    LEDGER.append(patch)
+    return patch
+
+
+def _load_ledger() -> None:
+    """Import the modules that define patches, so they register themselves."""
+    from vllm_redrafter.integration import hooks  # noqa: F401
+
+
+def apply_all() -> list[str]:
+    """Apply every ledger patch once in this process; return the names applied so far."""
+    _load_ledger()
+    for patch in LEDGER:
+        if patch.stage == "plugin":
+            _apply_one(patch)
+    return list(_applied)
+
+
+def _apply_one(patch: Patch) -> None:
+    if patch.name in _applied:
+        return
+    patch.apply()
+    _applied.append(patch.name)
+    logger.debug("applied patch %s on %s", patch.name, patch.target)
+
+
+def get_patch(name: str) -> Patch:
+    """The ledger entry called ``name`` (KeyError if there is none)."""
+    _load_ledger()
+    for patch in LEDGER:
+        if patch.name == name:
+            return patch
+    raise KeyError(f"no patch named {name!r} in the ledger")
+
+
+def ensure_applied(name: str) -> None:
+    """Apply the ledger patch ``name`` in this process unless it already is."""
+    _apply_one(get_patch(name))
+
+
+def applied() -> list[str]:
+    """Names of the patches applied in this process."""
+    return list(_applied)
+
+
+def ledger_markdown() -> str:
+    """The ledger as a Markdown table (used for docs/patches.md)."""
+    _load_ledger()
+    rows = [
+        "| patch | target | applied | why | how | remove when |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in LEDGER:
+        rows.append(
+            f"| {p.name} | `{p.target}` | {p.stage} | {p.why} | {p.how} | "
+            f"{p.remove_when} |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,92 @@
+# SPDX-License-Identifier: Apache-2.0
+"""vLLM general-plugin entry point (``vllm.general_plugins`` → ``redrafter``).
+
+vLLM calls :func:`register` once in every process it creates (front end / ``LLM`` process,
+engine core, every worker, Ray workers). It must therefore be idempotent, cheap, and never
+depend on driver-only state. It checks the installed vLLM version, applies the guarded patches
+listed in :mod:`vllm_redrafter.integration.patches`, and logs exactly one INFO line saying what
+it did, or why it refused.
+
+Switch it off with ``VLLM_REDRAFTER_ENABLED=0`` (or use vLLM's ``VLLM_PLUGINS`` allow-list).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+
+from vllm_redrafter import SUPPORTED_VLLM_RANGE, __version__
+from vllm_redrafter.logger import get_logger
+
+logger = get_logger(__name__)
+
+ENV_ENABLED = "VLLM_REDRAFTER_ENABLED"
+_FALSE_VALUES = {"0", "false", "no", "off"}
+
+_state: dict[str, str] = {}
+"""Per-process outcome of :func:`register` (``{"status": ..., "detail": ...}``)."""
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """``"0.32.0+cpu"`` → ``(0, 32, 0)``; ``"0.32.1rc1"`` → ``(0, 32, 1)``."""
+    parts: list[int] = []
+    for piece in version.split("+", 1)[0].split("."):
+        match = re.match(r"\d+", piece)
+        if match is None:
+            break
+        parts.append(int(match.group()))
+        if match.end() != len(piece):  # pre/post/dev suffix ends the release segment
+            break
+    return tuple(parts)
+
+
+def vllm_version_supported(version: str) -> bool:
+    """True if ``version`` lies in :data:`SUPPORTED_VLLM_RANGE` (lower inclusive)."""
+    low, high = (_version_tuple(v) for v in SUPPORTED_VLLM_RANGE)
+    return low <= _version_tuple(version) < high
+
+
+def status() -> dict[str, str]:
+    """What :func:`register` did in this process (empty if it has not run)."""
+    return dict(_state)
+
+
+def _install_refusal_guard() -> None:
+    """Best effort: make a ReDrafter config fail with a clear version error (no patches
+    are applied on an unsupported vLLM, so vLLM's own error would be unrelated)."""
+    try:
+        from vllm_redrafter.integration import patches
+
+        patches.ensure_applied("refusal-guard")
+    except Exception:  # noqa: BLE001 - unsupported vLLM: never break other methods
+        logger.debug("vllm-redrafter: refusal guard not installed", exc_info=True)
+
+
+def register() -> None:
+    """Entry point called by vLLM's plugin loader. Idempotent."""
+    if _state:
+        return
+    process = f"{multiprocessing.current_process().name} pid={os.getpid()}"
+    if os.environ.get(ENV_ENABLED, "1").strip().lower() in _FALSE_VALUES:
+        _state.update(status="disabled", detail=f"{ENV_ENABLED}=0")
+        logger.info("vllm-redrafter %s disabled by %s=0 in %s", __version__,
+                    ENV_ENABLED, process)
+        return
+    import vllm
+
+    version = getattr(vllm, "__version__", "unknown")
+    if not vllm_version_supported(version):
+        _state.update(status="refused", detail=f"vLLM {version}")
+        logger.warning(
+            "vllm-redrafter %s refused to load in %s: vLLM %s is not supported "
+            "(supported: >=%s,<%s). ReDrafter is unavailable; other methods are unaffected.",
+            __version__, process, version, *SUPPORTED_VLLM_RANGE)
+        _install_refusal_guard()
+        return
+    from vllm_redrafter.integration import patches
+
+    applied = patches.apply_all()
+    _state.update(status="active", detail=",".join(applied))
+    logger.info("vllm-redrafter %s active in %s (vLLM %s); patches: %s", __version__,
+                process, version, ", ".join(applied) or "none")
