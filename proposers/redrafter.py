@@ -1,0 +1,316 @@
+# SPDX-License-Identifier: Apache-2.0
+"""ReDrafterProposer: the drafter inside vLLM's model runner (chain verification).
+
+vLLM builds this class through its ``custom_class`` speculative method
+(``create_custom_proposer(vllm_config)``), once per TP rank of the last PP stage, and
+calls ``load_model(target_model)`` after loading the target. Every decode step, the
+``runner-propose-draft-hook`` (``vllm_redrafter.integration.hooks``) calls
+:meth:`ReDrafterProposer.propose_with_context` with the target's hidden states; the
+proposer
+
+1. picks each request's context row and init token (the Medusa row rule,
+   :func:`vllm_redrafter.scorers.chain.select_context_rows`),
+2. runs the drafter's beam search (``W`` beams of length ``L``,
+   :func:`vllm_redrafter.beam_search.beam_search`), and
+3. returns the best beam's ``L - 1`` drafted tokens per request, which vLLM's own
+   rejection sampler verifies as a linear chain with no draft probabilities (point-mass
+   acceptance: lossless for a deterministic proposal, greedy and random alike).
+
+Weights: the drafter's input embedding **is the target's** embedding module (shared by
+reference, TP-sharded as the target's); the RNN and ResBlocks are small replicated
+``nn.Linear`` layers; the drafter's own output projection is a vLLM ``ParallelLMHead``
+(vocab-sharded under TP) whose logits are all-gathered, so every rank runs the same
+beam search on the same full-vocabulary log-probabilities with the same collectives.
+Nothing here depends on the TP rank, so ranks never diverge or raise alone.
+
+Glossary: ``B`` requests drafted this step, ``W`` beam width, ``L`` beam length,
+``H`` target hidden size, ``E`` drafter exit_dim, ``Vd`` draft vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from vllm_redrafter.beam_search import beam_search
+from vllm_redrafter.checkpoint import load_drafter
+from vllm_redrafter.drafter import RecurrentDrafter
+from vllm_redrafter.integration import compat, hooks, patches, spec_config
+from vllm_redrafter.logger import get_logger
+from vllm_redrafter.scorers.chain import best_beam_drafts, select_context_rows
+
+logger = get_logger(__name__)
+
+WARMUP_REQUESTS = 2
+"""Requests in the load-time warm-up beam search (checks shapes and TP collectives)."""
+
+
+class VocabParallelDraftHead(nn.Module):
+    """The drafter's output projection ``Linear(E, Vd, bias=False)``, vocab-sharded.
+
+    Wraps a vLLM ``ParallelLMHead`` (each TP rank holds a slice of the rows) and returns
+    all-gathered full-vocabulary logits, so it is a drop-in replacement for
+    ``RecurrentDrafter.lm_head``.
+
+    Args:
+        vocab_size: ``Vd``.
+        exit_dim: ``E``.
+        dtype: parameter dtype.
+    """
+
+    def __init__(self, vocab_size: int, exit_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        from vllm.distributed import get_tensor_model_parallel_world_size
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+        self.vocab_size = vocab_size
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.head = ParallelLMHead(vocab_size, exit_dim, bias=False, params_dtype=dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """This rank's ``[Vd_padded / tp, E]`` shard (dtype/device source for the core)."""
+        return self.head.weight
+
+    @torch.no_grad()
+    def load_full_weight(self, weight: torch.Tensor) -> None:
+        """Copy this rank's rows of the full ``[Vd, E]`` matrix (zero padding rows), then
+        let the layer's quant method post-process it (as vLLM's model loader does; on
+        CPU this selects the GEMM kernel)."""
+        self.head.weight_loader(self.head.weight, weight)
+        finalize = getattr(self.head.quant_method, "process_weights_after_loading", None)
+        if finalize is not None:
+            finalize(self.head)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``[*, E]`` features -> ``[*, Vd]`` full-vocabulary logits on every rank."""
+        from vllm.distributed import tensor_model_parallel_all_gather
+
+        flat = z.reshape(-1, z.shape[-1])  # [N, E]
+        local = self.head.quant_method.apply(self.head, flat)  # [N, Vd_padded / tp]
+        if self.tp_size > 1:
+            local = tensor_model_parallel_all_gather(local.contiguous(), dim=-1)
+        logits = local[:, : self.vocab_size]  # [N, Vd]
+        return logits.reshape(*z.shape[:-1], self.vocab_size)
+
+
+def _input_embedding(target_model: nn.Module) -> nn.Module:
+    """The target's token-embedding module (raw table lookup, as the drafter was trained).
+
+    Tries ``target.model.embed_tokens`` (Llama-style vLLM models), then
+    ``target.get_input_embeddings()``.
+    """
+    inner = getattr(target_model, "model", None)
+    embed = getattr(inner, "embed_tokens", None)
+    if isinstance(embed, nn.Module):
+        return embed
+    getter = getattr(target_model, "get_input_embeddings", None)
+    if callable(getter):
+        module = getter()
+        if isinstance(module, nn.Module):
+            return module
+    raise RuntimeError(
+        f"ReDrafter cannot find the input embedding of {type(target_model).__name__} "
+        "(looked for .model.embed_tokens and get_input_embeddings())"
+    )
+
+
+class ReDrafterProposer:
+    """vLLM ``custom_class`` proposer running ReDrafter's beam search (chain mode).
+
+    Args:
+        vllm_config: the engine's ``VllmConfig``; ReDrafter settings are read from
+            ``additional_config["redrafter"]`` (see ``integration/spec_config.py``).
+    """
+
+    def __init__(self, vllm_config: Any) -> None:
+        from vllm_redrafter import plugin
+
+        state = plugin.status()
+        if state.get("status") != "active":
+            raise RuntimeError(
+                "ReDrafterProposer needs the vllm-redrafter plugin active in this "
+                f"process, but its status is {state or 'not loaded'} "
+                f"(vLLM {compat.vllm_version()}); check VLLM_PLUGINS / "
+                "VLLM_REDRAFTER_ENABLED and the supported vLLM versions"
+            )
+        patches.ensure_applied(hooks.RUNNER_HOOK)
+
+        self.vllm_config = vllm_config
+        self.settings = spec_config.settings_from_vllm_config(vllm_config)
+        self.options = self.settings.options
+        if self.options.tree:
+            raise spec_config.ReDrafterConfigError(
+                "ReDrafter tree=true is not available in this build (chain mode only)"
+            )
+        self.num_speculative_tokens = int(
+            vllm_config.speculative_config.num_speculative_tokens
+        )
+        if self.num_speculative_tokens != self.options.num_draft_tokens:
+            raise spec_config.ReDrafterConfigError(
+                f"num_speculative_tokens={self.num_speculative_tokens} must equal "
+                f"beam_length - 1 = {self.options.num_draft_tokens} in chain mode"
+            )
+        self.max_num_reqs = int(vllm_config.scheduler_config.max_num_seqs)
+        self.dtype = vllm_config.model_config.dtype
+        self.drafter: RecurrentDrafter | None = None
+        self.embed: nn.Module | None = None
+        self.device: torch.device | None = None
+        # Preallocated in load_model: [max_num_reqs] context rows / init tokens.
+        self._rows_cpu = torch.zeros(self.max_num_reqs, dtype=torch.int64)
+        self._init_cpu = torch.zeros(self.max_num_reqs, dtype=torch.int64)
+        self._rows: torch.Tensor | None = None
+        self._init: torch.Tensor | None = None
+        self.draft_seconds = 0.0
+        """Cumulative host seconds spent in :meth:`propose_with_context` (the final
+        device-to-host copy of the drafts synchronises, so this covers device work)."""
+        self.num_proposals = 0
+        """Requests drafted so far on this rank."""
+
+    # ------------------------------------------------------------------ loading
+
+    @torch.no_grad()
+    def load_model(self, target_model: nn.Module) -> None:
+        """Build the drafter next to ``target_model`` (called once per TP rank).
+
+        Shares the target's input embedding by reference, loads the drafter weights in
+        the target's dtype on its device, shards the output projection over TP, then
+        preallocates the per-step buffers and runs a small warm-up beam search.
+        """
+        from vllm.config import set_current_vllm_config
+
+        embed = _input_embedding(target_model)
+        weight = getattr(embed, "weight", None)
+        device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+        core = load_drafter(self.settings.drafter_dir, dtype=self.dtype)
+        embed_dim = getattr(embed, "embedding_dim", core.hidden_size)
+        if embed_dim != core.hidden_size:
+            raise spec_config.ReDrafterConfigError(
+                f"ReDrafter drafter hidden_size={core.hidden_size} does not match the "
+                f"target embedding width {embed_dim}"
+            )
+        full_head = core.lm_head.weight  # [Vd, E] on the CPU
+        with set_current_vllm_config(self.vllm_config), torch.device(device):
+            head = VocabParallelDraftHead(
+                core.draft_vocab_size, core.config.exit_dim, self.dtype
+            )
+        core.lm_head = head  # replaces the full projection; frees it on every rank
+        core = core.to(device).eval().requires_grad_(False)
+        head.load_full_weight(full_head.to(device))
+
+        self.drafter, self.embed, self.device = core, embed, device
+        self._rows = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
+        self._init = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
+        self.dummy_run(min(WARMUP_REQUESTS, self.max_num_reqs))
+        logger.info(
+            "ReDrafter proposer ready: drafter %s (%s, %d parameters on this rank), "
+            "beam_width=%d, beam_length=%d, draft_top_k=%s, tp=%d",
+            self.settings.drafter_dir, self.dtype, core.num_parameters(),
+            self.options.beam_width, self.options.beam_length,
+            self.options.draft_top_k, head.tp_size)
+
+    def dummy_run(self, num_reqs: int) -> None:
+        """One beam search on zero hidden states for ``num_reqs`` requests."""
+        assert self.drafter is not None
+        hidden = torch.zeros(
+            num_reqs, self.drafter.hidden_size, dtype=self.dtype, device=self.device
+        )  # [B, H]
+        init = torch.zeros(num_reqs, dtype=torch.int64, device=self.device)  # [B]
+        self._beam_search(hidden, init)
+
+    # ---------------------------------------------------------------- proposing
+
+    def _beam_search(self, hidden: torch.Tensor, init_tokens: torch.Tensor) -> torch.Tensor:
+        """``hidden [B, H]``, ``init_tokens [B]`` -> beams ``[B, W, L]`` (best first)."""
+        assert self.drafter is not None and self.embed is not None
+        beams = beam_search(
+            self.drafter,
+            self.embed,
+            hidden.to(self.dtype),
+            init_tokens,
+            self.options.beam_width,
+            self.options.beam_length,
+            draft_top_k=self.options.draft_top_k,
+        )
+        return beams.tokens  # [B, W, L]
+
+    def _to_device(
+        self, values: list[int], cpu: torch.Tensor, dev: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Copy ``values`` through the preallocated buffers; returns a ``[n]`` view."""
+        n = len(values)
+        cpu[:n] = torch.as_tensor(values, dtype=torch.int64)
+        assert dev is not None
+        dev[:n].copy_(cpu[:n], non_blocking=True)
+        return dev[:n]
+
+    @torch.inference_mode()
+    def propose_with_context(
+        self,
+        *,
+        runner: Any,
+        scheduler_output: Any,
+        sampled_token_ids: list[list[int]],
+        sampling_metadata: Any,
+        hidden_states: torch.Tensor,
+        sample_hidden_states: torch.Tensor,
+        spec_decode_metadata: Any,
+        common_attn_metadata: Any,
+    ) -> list[list[int]]:
+        """Draft for every request that sampled a token this step.
+
+        Args:
+            sampled_token_ids: per request (``input_batch.req_ids`` order), the tokens
+                emitted this step; ``[]`` for partial prefills.
+            sample_hidden_states: ``[num_rows, H]`` post-norm target hidden states of
+                the sampled rows (``1 + num_draft_tokens[i]`` rows per request).
+            spec_decode_metadata: vLLM ``SpecDecodeMetadata`` of the verified drafts,
+                or None when no request had drafts.
+            runner, scheduler_output, sampling_metadata, hidden_states,
+            common_attn_metadata: unused in chain mode (kept for the hook contract).
+
+        Returns:
+            Per request, at most ``num_speculative_tokens`` draft token ids.
+        """
+        del runner, scheduler_output, sampling_metadata, hidden_states, common_attn_metadata
+        if not isinstance(sampled_token_ids, list):
+            raise TypeError(
+                "ReDrafter expects the CPU sampled-token lists of custom_class proposers, "
+                f"got {type(sampled_token_ids).__name__}"
+            )
+        num_drafts = (
+            None if spec_decode_metadata is None else spec_decode_metadata.num_draft_tokens
+        )
+        context = select_context_rows(sampled_token_ids, num_drafts)
+        if context.num_rows != sample_hidden_states.shape[0]:
+            raise RuntimeError(
+                f"ReDrafter row layout mismatch: {context.num_rows} rows expected, "
+                f"sample_hidden_states has {sample_hidden_states.shape[0]}"
+            )
+        num_reqs = len(sampled_token_ids)
+        if context.num_active == 0:
+            return [[] for _ in range(num_reqs)]
+        start = time.perf_counter()
+        rows = self._to_device(context.rows, self._rows_cpu, self._rows)  # [B]
+        init = self._to_device(context.init_tokens, self._init_cpu, self._init)  # [B]
+        hidden = sample_hidden_states.index_select(0, rows)  # [B, H]
+        tokens = self._beam_search(hidden, init)  # [B, W, L]
+        drafts = best_beam_drafts(
+            tokens.cpu(), context, num_reqs, self.num_speculative_tokens
+        )
+        self.draft_seconds += time.perf_counter() - start
+        self.num_proposals += context.num_active
+        return drafts
+
+    def propose(self, *args: Any, **kwargs: Any) -> list[list[int]]:
+        """vLLM's plain ``custom_class`` entry point: unusable for ReDrafter.
+
+        It receives no hidden states; reaching it means the runner hook is missing.
+        """
+        raise RuntimeError(
+            f"ReDrafterProposer.propose() was called without hidden states: the "
+            f"vllm-redrafter patch {hooks.RUNNER_HOOK!r} is not active in this process"
+        )

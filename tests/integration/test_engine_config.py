@@ -1,0 +1,215 @@
+# SPDX-License-Identifier: Apache-2.0
+"""ReDrafter configuration through vLLM's own entry points, without starting an engine.
+
+``LLM(...)`` and ``vllm serve`` both build their ``VllmConfig`` in process 0 with
+``EngineArgs.create_engine_config`` before any engine process starts; these tests drive
+that path (and the real ``vllm serve`` argument parser) and check what reaches the
+workers, and that each misconfiguration of the issue fails there with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY_LLAMA
+from vllm_redrafter.checkpoint import save_drafter
+from vllm_redrafter.config import DrafterConfig, ReDrafterOptions
+from vllm_redrafter.drafter import RecurrentDrafter
+from vllm_redrafter.integration.compat import PROPOSER_CLASS_PATH
+
+HIDDEN, VOCAB = TINY_LLAMA["hidden_size"], TINY_LLAMA["vocab_size"]
+
+
+def _drafter(path: Path, hidden: int = HIDDEN, vocab: int = VOCAB) -> Path:
+    config = DrafterConfig(hidden_size=hidden, vocab_size=vocab, exit_dim=32,
+                           num_draft_layers=1)
+    model = RecurrentDrafter(config, generator=torch.Generator().manual_seed(0))
+    return save_drafter(model, path, options=ReDrafterOptions(beam_width=2, beam_length=3))
+
+
+@pytest.fixture(scope="module")
+def drafters(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("drafters")
+    return {
+        "ok": _drafter(root / "ok"),
+        "hidden": _drafter(root / "hidden", hidden=HIDDEN // 2),
+        "vocab": _drafter(root / "vocab", vocab=VOCAB + 64),
+    }
+
+
+def _engine_config(model_dir: Path, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=str(model_dir), skip_tokenizer_init=True, enforce_eager=True,
+                      dtype="float32", max_model_len=256, **kwargs)
+    return args.create_engine_config()
+
+
+def test_llm_config_reaches_workers_as_custom_class(tiny_llama_dir, drafters):
+    import pickle
+
+    config = _engine_config(tiny_llama_dir, speculative_config={
+        "method": "redrafter", "model": str(drafters["ok"]), "beam_width": 3,
+        "beam_length": 4, "draft_top_k": 5})
+    spec = config.speculative_config
+    assert (spec.method, spec.model, spec.num_speculative_tokens) == (
+        "custom_class", PROPOSER_CLASS_PATH, 3)
+    expected = {"model": str(drafters["ok"].resolve()), "beam_width": 3,
+                "beam_length": 4, "tree": False, "draft_top_k": 5}
+    assert config.additional_config["redrafter"] == expected
+    # What the executor ships to workers (mp pickles; Ray cloudpickles the same state).
+    clone = pickle.loads(pickle.dumps(config))
+    assert clone.additional_config["redrafter"] == expected
+    assert clone.speculative_config.model == PROPOSER_CLASS_PATH
+    # Async scheduling is off for custom_class proposers (drafts travel every step).
+    assert not config.scheduler_config.async_scheduling
+
+
+def test_additional_config_form_is_validated_too(tiny_llama_dir, drafters):
+    from vllm_redrafter.integration.spec_config import ReDrafterConfigError
+
+    additional = {"redrafter": {"model": str(drafters["vocab"]), "beam_length": 3}}
+    with pytest.raises(ReDrafterConfigError, match="vocab_size"):
+        _engine_config(tiny_llama_dir, additional_config=additional, speculative_config={
+            "method": "custom_class", "model": PROPOSER_CLASS_PATH,
+            "num_speculative_tokens": 2})
+
+
+# ------------------------------------------------- start-up errors (one test each)
+
+
+def _llm_error(model_dir: Path, spec: dict) -> str:
+    """The exception ``LLM(...)`` raises in process 0 for ``spec`` (no engine starts)."""
+    from vllm import LLM
+
+    with pytest.raises(Exception) as info:
+        LLM(model=str(model_dir), skip_tokenizer_init=True, enforce_eager=True,
+            dtype="float32", max_model_len=256, speculative_config=spec)
+    return str(info.value)
+
+
+def test_error_invalid_beam_width(tiny_llama_dir, drafters):
+    message = _llm_error(tiny_llama_dir, {"method": "redrafter",
+                                          "model": str(drafters["ok"]), "beam_width": 0})
+    assert "beam_width must be an integer in [1, 64], got 0" in message
+
+
+def test_error_invalid_beam_length(tiny_llama_dir, drafters):
+    message = _llm_error(tiny_llama_dir, {"method": "redrafter",
+                                          "model": str(drafters["ok"]), "beam_length": 40})
+    assert "beam_length must be an integer in [2, 16], got 40" in message
+
+
+def test_error_unknown_knob(tiny_llama_dir, drafters):
+    message = _llm_error(tiny_llama_dir, {"method": "redrafter",
+                                          "model": str(drafters["ok"]), "beam_widht": 4})
+    assert "beam_widht" in message
+
+
+def test_error_inconsistent_num_speculative_tokens(tiny_llama_dir, drafters):
+    message = _llm_error(tiny_llama_dir, {"method": "redrafter",
+                                          "model": str(drafters["ok"]), "beam_length": 4,
+                                          "num_speculative_tokens": 2})
+    assert "num_speculative_tokens=2 is inconsistent" in message
+    assert "beam_length - 1 = 3" in message
+
+
+def test_error_drafter_hidden_size_mismatch(tiny_llama_dir, drafters):
+    message = _llm_error(tiny_llama_dir, {"method": "redrafter",
+                                          "model": str(drafters["hidden"])})
+    assert f"hidden_size={HIDDEN // 2} but the target model's hidden_size is {HIDDEN}" in (
+        message)
+
+
+def test_error_drafter_vocab_mismatch(tiny_llama_dir, drafters):
+    message = _llm_error(tiny_llama_dir, {"method": "redrafter",
+                                          "model": str(drafters["vocab"])})
+    assert f"vocab_size={VOCAB + 64} but the target model's vocab_size is {VOCAB}" in (
+        message)
+
+
+def test_error_missing_drafter_directory(tiny_llama_dir, tmp_path):
+    message = _llm_error(tiny_llama_dir, {"method": "redrafter",
+                                          "model": str(tmp_path / "absent")})
+    assert "does not exist" in message
+
+
+def test_error_unsupported_vllm_version(tiny_llama_dir, drafters):
+    """In a fresh interpreter where vLLM reports 0.31.0 the plugin refuses to patch, and a
+    ReDrafter config fails with a message naming both versions."""
+    code = (
+        "import json, sys, vllm\n"
+        "vllm.__version__ = '0.31.0'\n"
+        "from vllm import LLM\n"
+        "try:\n"
+        "    LLM(model=sys.argv[1], skip_tokenizer_init=True, enforce_eager=True,\n"
+        "        speculative_config=json.loads(sys.argv[2]))\n"
+        "except Exception as err:\n"
+        "    print('ERROR:', type(err).__name__, err)\n"
+    )
+    spec = json.dumps({"method": "redrafter", "model": str(drafters["ok"])})
+    env = {**os.environ, "VLLM_CONFIGURE_LOGGING": "0"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_llama_dir), spec],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert "ERROR: RuntimeError" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "supports vLLM >=0.32.0,<0.33.0, but vLLM 0.31.0 is installed" in proc.stdout
+
+
+# ------------------------------------------------------------------------ the CLI
+
+
+def _serve_parser():
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+
+
+def test_serve_cli_speculative_model_shorthand(tiny_llama_dir, drafters):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    parser = _serve_parser()
+    args = parser.parse_args([str(tiny_llama_dir), "--speculative-model",
+                              f"redrafter:{drafters['ok']}", "--speculative-config",
+                              '{"beam_width": 2}'])
+    args.model = args.model_tag
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    assert engine_args.speculative_config == {"beam_width": 2, "method": "redrafter",
+                                              "model": str(drafters["ok"])}
+
+
+def test_serve_cli_speculative_config_form(tiny_llama_dir, drafters):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    spec = json.dumps({"method": "redrafter", "model": str(drafters["ok"]),
+                       "beam_length": 3})
+    args = _serve_parser().parse_args([str(tiny_llama_dir), "--speculative-config", spec,
+                                       "--skip-tokenizer-init", "--dtype", "float32",
+                                       "--max-model-len", "256"])
+    args.model = args.model_tag
+    config = AsyncEngineArgs.from_cli_args(args).create_engine_config()
+    assert config.speculative_config.num_speculative_tokens == 2
+    assert config.additional_config["redrafter"]["beam_length"] == 3
+
+
+def test_serve_cli_rejects_other_speculative_models(tiny_llama_dir, capsys):
+    with pytest.raises(SystemExit):
+        _serve_parser().parse_args([str(tiny_llama_dir), "--speculative-model", "ngram"])
+    assert "expected redrafter:<drafter checkpoint dir>" in capsys.readouterr().err
+
+
+def test_serve_cli_conflicting_method(tiny_llama_dir, drafters):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = _serve_parser().parse_args([
+        str(tiny_llama_dir), "--speculative-model", f"redrafter:{drafters['ok']}",
+        "--speculative-config", '{"method": "ngram"}'])
+    with pytest.raises(ValueError, match="conflicts with --speculative-config method"):
+        AsyncEngineArgs.from_cli_args(args)

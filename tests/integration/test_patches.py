@@ -1,0 +1,117 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The patch ledger: completeness, idempotence, signature guards, the runner hook."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_redrafter import plugin
+from vllm_redrafter.integration import compat, hooks, patches
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _active_plugin():
+    plugin.register()
+    assert plugin.status()["status"] == "active"
+    patches.ensure_applied(hooks.RUNNER_HOOK)
+
+
+def test_ledger_entries_are_complete():
+    names = [p.name for p in patches.LEDGER]
+    assert len(names) == len(set(names))
+    assert {hooks.RUNNER_HOOK, hooks.CONFIG_HOOK, hooks.CLI_ARG_HOOK,
+            hooks.CLI_MERGE_HOOK, hooks.REFUSAL_GUARD} <= set(names)
+    for patch in patches.LEDGER:
+        assert patch.target.startswith("vllm.")
+        assert patch.why and patch.how and patch.remove_when
+        assert patch.stage in {"plugin", "proposer", "refused"}
+
+
+def test_docs_patches_md_is_in_sync():
+    text = (REPO_ROOT / "docs" / "patches.md").read_text()
+    assert patches.ledger_markdown() in text, (
+        "docs/patches.md is stale: regenerate it with "
+        "`python -m vllm_redrafter.integration.ledger_doc`"
+    )
+
+
+def test_applying_again_is_a_no_op():
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    before = (EngineArgs.create_speculative_config, EngineArgs.__dict__["add_cli_args"],
+              EngineArgs.__dict__["from_cli_args"], GPUModelRunner.propose_draft_token_ids)
+    for patch in patches.LEDGER:
+        if patch.stage != "refused":
+            patch.apply()  # bypasses the applied-list: the wrappers themselves must detect it
+    after = (EngineArgs.create_speculative_config, EngineArgs.__dict__["add_cli_args"],
+             EngineArgs.__dict__["from_cli_args"], GPUModelRunner.propose_draft_token_ids)
+    assert before == after
+    # exactly one wrapper layer around vLLM's original
+    wrapped = GPUModelRunner.propose_draft_token_ids
+    assert getattr(wrapped, "__redrafter_patch__", None) == hooks.RUNNER_HOOK
+    assert not hasattr(wrapped.__wrapped__, "__redrafter_patch__")
+
+
+def test_signature_guard_raises_patch_error():
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids):
+        return None
+
+    with pytest.raises(patches.PatchError, match="has parameters"):
+        compat.require_parameters("demo", propose_draft_token_ids, hooks.RUNNER_PARAMETERS)
+    with pytest.raises(patches.PatchError, match="no attribute"):
+        compat.require_attribute("demo", SimpleNamespace(), "missing")
+
+
+def test_version_guard(monkeypatch):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.31.0")
+    with pytest.raises(patches.PatchError, match="outside the supported range"):
+        compat.require_vllm_version("demo")
+
+
+def test_runner_hook_dispatches_to_propose_with_context():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    calls = {}
+
+    class FakeDrafter:
+        def propose_with_context(self, **kwargs):
+            calls.update(kwargs)
+            return [[1, 2]]
+
+    runner = object.__new__(GPUModelRunner)  # no __init__: only the attributes used
+    runner.drafter = FakeDrafter()
+    runner.speculative_config = SimpleNamespace(method="custom_class")
+    runner._draft_probs = "stale"
+    args = ["sched", [[5]], "sampling", "hidden", "sample_hidden", None, "spec_meta",
+            "attn_meta"]
+    out = runner.propose_draft_token_ids(*args, slot_mappings=None)
+    assert out == [[1, 2]]
+    assert runner._draft_probs is None and runner._draft_prob_req_ids is None
+    assert calls == dict(runner=runner, scheduler_output="sched", sampled_token_ids=[[5]],
+                         sampling_metadata="sampling", hidden_states="hidden",
+                         sample_hidden_states="sample_hidden",
+                         spec_decode_metadata="spec_meta", common_attn_metadata="attn_meta")
+
+
+@pytest.mark.parametrize("method,drafter", [
+    ("custom_class", SimpleNamespace()),  # a custom proposer without the hook
+    ("ngram", SimpleNamespace(propose_with_context=lambda **kw: [[9]])),
+])
+def test_runner_hook_leaves_other_proposers_alone(method, drafter):
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    runner = object.__new__(GPUModelRunner)
+    runner.drafter = drafter
+    runner.speculative_config = SimpleNamespace(method=method)
+    # vLLM's original runs: its first statement reads this attribute.
+    with pytest.raises(AttributeError, match="total_num_scheduled_tokens"):
+        runner.propose_draft_token_ids(SimpleNamespace(), [[5]], None, None, None, None,
+                                       None, None, None)

@@ -1,0 +1,101 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Benchmark arithmetic on recorded metrics: counters, τ, ratios, identical outputs, JSON."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_redrafter.bench import report as rep
+
+
+def _metrics(drafts, draft_tokens, accepted, per_pos):
+    """Objects shaped like vllm.v1.metrics.reader Counter / Vector."""
+    return [
+        SimpleNamespace(name="vllm:spec_decode_num_drafts", value=drafts),
+        SimpleNamespace(name="vllm:spec_decode_num_draft_tokens", value=draft_tokens),
+        SimpleNamespace(name="vllm:spec_decode_num_accepted_tokens", value=accepted),
+        SimpleNamespace(name="vllm:spec_decode_num_accepted_tokens_per_pos", values=per_pos),
+        SimpleNamespace(name="vllm:generation_tokens", value=999),
+    ]
+
+
+def test_counters_from_metrics_and_delta():
+    before = rep.counters_from_metrics(_metrics(5, 15, 4, [3, 1, 0]))
+    after = rep.counters_from_metrics(_metrics(15, 45, 18, [11, 5, 2]))
+    delta = after.minus(before)
+    assert (delta.num_drafts, delta.num_draft_tokens, delta.num_accepted_tokens) == (10, 30, 14)
+    assert delta.accepted_per_pos == [8, 4, 2]
+    assert delta.mean_acceptance_length == pytest.approx(2.4)
+    assert delta.acceptance_per_depth == pytest.approx([0.8, 0.4, 0.2])
+    assert delta.draft_acceptance_rate == pytest.approx(14 / 30)
+
+
+def test_no_speculation_has_no_tau():
+    counters = rep.counters_from_metrics([])
+    assert counters.mean_acceptance_length is None
+    assert counters.acceptance_per_depth is None
+
+
+def test_count_identical():
+    assert rep.count_identical([[1, 2], [3], [4, 5]], [[1, 2], [3, 9], [4, 5]]) == (2, 3)
+    assert rep.count_identical([[1]], []) == (0, 0)
+
+
+def _cell(config, conc, temp, tokens, wall, counters=None, token_ids=None, **kw):
+    return rep.CellResult(config=config, concurrency=conc, temperature=temp,
+                          num_prompts=len(token_ids or []), output_tokens=tokens,
+                          wall_s=wall, counters=counters or rep.SpecCounters(),
+                          token_ids=token_ids or [], **kw)
+
+
+def test_summarize_ratios_identical_and_failures():
+    base_ids = [[1, 2, 3], [4, 5]]
+    cells = [
+        _cell("none", 1, 0.0, 100, 10.0, token_ids=base_ids),
+        _cell("redrafter", 1, 0.0, 100, 4.0, rep.SpecCounters(10, 30, 14, [8, 4, 2]),
+              token_ids=[[1, 2, 3], [4, 6]], draft_s=1.0),
+        _cell("ngram", 1, 0.0, 100, 8.0, token_ids=base_ids),
+        _cell("redrafter", 1, 0.7, 90, 6.0, token_ids=[[7], [8]]),
+        rep.CellResult(config="ngram", concurrency=1, temperature=0.7, status="failed",
+                       error="boom"),
+    ]
+    rows = {(r["config"], r["temperature"]): r for r in rep.summarize(cells)}
+    red = rows[("redrafter", 0.0)]
+    assert red["output_tok_per_s"] == 25.0
+    assert red["speedup_vs_baseline"] == 2.5
+    assert red["mean_acceptance_length"] == 2.4
+    assert red["identical_to_baseline"] == 1 and red["compared_to_baseline"] == 2
+    assert red["draft_time_share"] == 0.25
+    assert rows[("ngram", 0.0)]["speedup_vs_baseline"] == 1.25
+    assert rows[("ngram", 0.0)]["identical_to_baseline"] == 2
+    # No baseline at T=0.7 in this invocation: no ratio, and sampled runs are never compared.
+    assert rows[("redrafter", 0.7)]["speedup_vs_baseline"] is None
+    assert rows[("redrafter", 0.7)]["identical_to_baseline"] is None
+    assert rows[("ngram", 0.7)]["status"] == "failed"
+    assert rows[("ngram", 0.7)]["output_tok_per_s"] is None
+
+
+STABLE_KEYS = {
+    "config", "concurrency", "temperature", "status", "error", "num_prompts",
+    "output_tokens", "wall_s", "output_tok_per_s", "speedup_vs_baseline",
+    "mean_acceptance_length", "acceptance_per_depth", "draft_acceptance_rate", "num_drafts",
+    "num_draft_tokens", "num_accepted_tokens", "draft_time_share", "identical_to_baseline",
+    "compared_to_baseline"}
+
+
+def test_report_schema_and_files(tmp_path):
+    cells = [_cell("none", 1, 0.0, 50, 5.0, token_ids=[[1]]),
+             _cell("redrafter", 1, 0.0, 50, 2.5, rep.SpecCounters(4, 12, 6, [3, 2, 1]),
+                   token_ids=[[1]])]
+    report = rep.build_report(cells, {"max_tokens": 8}, {"date": "x", "command": "y"})
+    paths = rep.write_reports(report, tmp_path)
+    loaded = json.loads(paths["json"].read_text())
+    assert loaded["schema"] == rep.SCHEMA
+    assert loaded["settings"] == {"max_tokens": 8}
+    assert all(set(r) == STABLE_KEYS for r in loaded["results"])
+    md = paths["md"].read_text()
+    assert "| redrafter | 1 | 0.0 | 20.0 | 2.00× | 2.50 |" in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,255 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Benchmark arithmetic and reports (pure: no vLLM import).
+
+A benchmark run produces one :class:`CellResult` per (configuration, concurrency,
+temperature) cell. This module turns vLLM's spec-decode counters into acceptance figures,
+computes ratios against the no-speculation run of the same invocation, counts outputs
+identical to the baseline, and writes the JSON / Markdown / PNG reports.
+
+Definitions (the same as vLLM's ``SpecDecodingStats``):
+
+- ``num_drafts``: verification steps that carried a draft; ``num_draft_tokens``: drafted
+  tokens scheduled; ``num_accepted_tokens``: drafted tokens accepted.
+- mean acceptance length ``tau = 1 + accepted / drafts`` (tokens emitted per target step
+  that carried a draft, bonus token included).
+- acceptance at depth ``d`` = ``accepted_per_pos[d] / drafts``.
+
+Example: drafts 10, accepted 14, per-position [8, 4, 2] -> tau 2.4, per depth
+[0.8, 0.4, 0.2].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "vllm-redrafter-bench/1"
+BASELINE = "none"
+
+
+@dataclasses.dataclass
+class SpecCounters:
+    """vLLM spec-decode counters (deltas over one cell)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = dataclasses.field(default_factory=list)
+
+    def minus(self, before: SpecCounters) -> SpecCounters:
+        """Counter deltas ``self - before`` (per-position lists padded with zeros)."""
+        width = max(len(self.accepted_per_pos), len(before.accepted_per_pos))
+        now = self.accepted_per_pos + [0] * (width - len(self.accepted_per_pos))
+        old = before.accepted_per_pos + [0] * (width - len(before.accepted_per_pos))
+        return SpecCounters(
+            num_drafts=self.num_drafts - before.num_drafts,
+            num_draft_tokens=self.num_draft_tokens - before.num_draft_tokens,
+            num_accepted_tokens=self.num_accepted_tokens - before.num_accepted_tokens,
+            accepted_per_pos=[a - b for a, b in zip(now, old)])
+
+    @property
+    def mean_acceptance_length(self) -> float | None:
+        """``1 + accepted / drafts``; None when nothing was drafted."""
+        if self.num_drafts <= 0:
+            return None
+        return 1.0 + self.num_accepted_tokens / self.num_drafts
+
+    @property
+    def acceptance_per_depth(self) -> list[float] | None:
+        if self.num_drafts <= 0:
+            return None
+        return [a / self.num_drafts for a in self.accepted_per_pos]
+
+    @property
+    def draft_acceptance_rate(self) -> float | None:
+        if self.num_draft_tokens <= 0:
+            return None
+        return self.num_accepted_tokens / self.num_draft_tokens
+
+
+def counters_from_metrics(metrics: Iterable[Any]) -> SpecCounters:
+    """Read spec-decode counters from ``LLM.get_metrics()`` objects.
+
+    Each metric has ``name`` and either ``value`` (counter) or ``values`` (vector, one entry
+    per position). Missing metrics read as zero (no speculation configured).
+    """
+    out = SpecCounters()
+    for metric in metrics:
+        name = getattr(metric, "name", "")
+        if name == "vllm:spec_decode_num_drafts":
+            out.num_drafts = int(metric.value)
+        elif name == "vllm:spec_decode_num_draft_tokens":
+            out.num_draft_tokens = int(metric.value)
+        elif name == "vllm:spec_decode_num_accepted_tokens":
+            out.num_accepted_tokens = int(metric.value)
+        elif name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            out.accepted_per_pos = [int(v) for v in metric.values]
+    return out
+
+
+@dataclasses.dataclass
+class CellResult:
+    """One (configuration, concurrency, temperature) measurement."""
+
+    config: str
+    concurrency: int
+    temperature: float
+    status: str = "ok"  # "ok" or "failed"
+    error: str | None = None
+    num_prompts: int = 0
+    output_tokens: int = 0
+    wall_s: float = 0.0
+    draft_s: float | None = None  # time inside the drafter (ReDrafter only)
+    counters: SpecCounters = dataclasses.field(default_factory=SpecCounters)
+    token_ids: list[list[int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[int, float]:
+        return (self.concurrency, self.temperature)
+
+    @property
+    def output_tok_per_s(self) -> float | None:
+        if self.status != "ok" or self.wall_s <= 0:
+            return None
+        return self.output_tokens / self.wall_s
+
+    @property
+    def draft_time_share(self) -> float | None:
+        if self.draft_s is None or self.wall_s <= 0:
+            return None
+        return self.draft_s / self.wall_s
+
+
+def count_identical(outputs: Sequence[Sequence[int]],
+                    reference: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """(identical, compared): prompts whose token ids equal the reference's exactly."""
+    compared = min(len(outputs), len(reference))
+    same = sum(1 for a, b in zip(outputs, reference) if list(a) == list(b))
+    return same, compared
+
+
+def summarize(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
+    """Rows with stable keys; ratios against the ``none`` cell of the same key."""
+    baselines = {c.key: c for c in cells if c.config == BASELINE and c.status == "ok"}
+    rows = []
+    for c in cells:
+        base = baselines.get(c.key)
+        speed, base_speed = c.output_tok_per_s, base.output_tok_per_s if base else None
+        identical = compared = None
+        if base is not None and c.temperature == 0.0 and c.status == "ok":
+            identical, compared = count_identical(c.token_ids, base.token_ids)
+        rows.append({
+            "config": c.config,
+            "concurrency": c.concurrency,
+            "temperature": c.temperature,
+            "status": c.status,
+            "error": c.error,
+            "num_prompts": c.num_prompts,
+            "output_tokens": c.output_tokens,
+            "wall_s": round(c.wall_s, 3),
+            "output_tok_per_s": None if speed is None else round(speed, 2),
+            "speedup_vs_baseline": (round(speed / base_speed, 3)
+                                    if speed is not None and base_speed else None),
+            "mean_acceptance_length": _round(c.counters.mean_acceptance_length),
+            "acceptance_per_depth": ([round(x, 3) for x in c.counters.acceptance_per_depth]
+                                     if c.counters.acceptance_per_depth is not None
+                                     else None),
+            "draft_acceptance_rate": _round(c.counters.draft_acceptance_rate),
+            "num_drafts": c.counters.num_drafts,
+            "num_draft_tokens": c.counters.num_draft_tokens,
+            "num_accepted_tokens": c.counters.num_accepted_tokens,
+            "draft_time_share": _round(c.draft_time_share),
+            "identical_to_baseline": identical,
+            "compared_to_baseline": compared,
+        })
+    return rows
+
+
+def _round(x: float | None, digits: int = 3) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def build_report(cells: Sequence[CellResult], settings: dict[str, Any],
+                 meta: dict[str, Any]) -> dict[str, Any]:
+    return {"schema": SCHEMA, **meta, "settings": settings, "results": summarize(cells)}
+
+
+def _fmt(x: Any, spec: str = "") -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, list):
+        return "/".join(f"{v:.2f}" for v in x)
+    return format(x, spec)
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The results as a Markdown table (one row per cell)."""
+    head = ("| config | conc. | temp | tok/s | vs none | τ | accept/depth | draft time "
+            "| identical |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in report["results"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['config']} | {r['concurrency']} | {r['temperature']} | "
+                         f"failed: {str(r['error'])[:60]} | | | | | |")
+            continue
+        ident = (f"{r['identical_to_baseline']}/{r['compared_to_baseline']}"
+                 if r["identical_to_baseline"] is not None else "–")
+        share = r["draft_time_share"]
+        lines.append(
+            f"| {r['config']} | {r['concurrency']} | {r['temperature']} | "
+            f"{_fmt(r['output_tok_per_s'], '.1f')} | "
+            f"{_fmt(r['speedup_vs_baseline'], '.2f')}{'×' if r['speedup_vs_baseline'] else ''}"
+            f" | {_fmt(r['mean_acceptance_length'], '.2f')} | "
+            f"{_fmt(r['acceptance_per_depth'])} | "
+            f"{'–' if share is None else f'{100 * share:.0f}%'} | {ident} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """PNG: speedup vs concurrency per (config, temperature), and τ per config."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if r["status"] == "ok"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    series: dict[tuple[str, float], list[tuple[int, float]]] = {}
+    for r in rows:
+        if r["speedup_vs_baseline"] is not None:
+            series.setdefault((r["config"], r["temperature"]), []).append(
+                (r["concurrency"], r["speedup_vs_baseline"]))
+    for (config, temp), pts in sorted(series.items()):
+        pts.sort()
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                 label=f"{config} T={temp}")
+    ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("concurrency")
+    ax1.set_ylabel("output tok/s ÷ no speculation")
+    ax1.set_title("speedup")
+    ax1.legend(fontsize=8)
+    taus = [(f"{r['config']}\nc={r['concurrency']} T={r['temperature']}",
+             r["mean_acceptance_length"]) for r in rows
+            if r["mean_acceptance_length"] is not None]
+    ax2.bar(range(len(taus)), [t[1] for t in taus], color="tab:orange")
+    ax2.set_xticks(range(len(taus)), [t[0] for t in taus], fontsize=7)
+    ax2.set_ylabel("mean acceptance length τ")
+    ax2.set_title("τ per configuration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write ``bench.json``, ``bench.md`` and ``bench.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md",
+             "png": out_dir / "bench.png"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["md"].write_text(markdown_table(report))
+    plot(report, paths["png"])
+    return paths

@@ -1,0 +1,100 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Run benchmark configurations side by side, one engine per configuration.
+
+Each configuration (``none``, ``ngram``, ``redrafter``...) runs in its own subprocess
+(:mod:`vllm_redrafter.bench.worker`), so a configuration that fails to start or crashes is
+reported as failed without aborting the others, and every engine gets a clean process.
+Inside the subprocess one ``LLM`` engine runs every (temperature, concurrency) cell with
+the same pre-tokenized prompts; concurrency ``c`` keeps exactly ``c`` requests in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vllm_redrafter.bench.report import CellResult, SpecCounters
+from vllm_redrafter.logger import get_logger
+
+logger = get_logger(__name__)
+
+
+@dataclasses.dataclass
+class BenchSettings:
+    """What every configuration of one invocation shares."""
+
+    target: str
+    prompts: list[list[int]]  # pre-tokenized chat prompts
+    max_tokens: int
+    concurrency: list[int]
+    temperatures: list[float]
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    seed: int = 0
+    timeout_s: float = 3600.0
+
+
+def config_specs(drafter: str | None, beam_width: int, beam_length: int,
+                 ngram_tokens: int = 4) -> dict[str, dict[str, Any] | None]:
+    """The speculative configs compared by ``bench``, keyed by name."""
+    specs: dict[str, dict[str, Any] | None] = {
+        "none": None,
+        "ngram": {"method": "ngram", "num_speculative_tokens": ngram_tokens,
+                  "prompt_lookup_max": 4, "prompt_lookup_min": 2},
+    }
+    if drafter:
+        specs["redrafter"] = {"method": "redrafter", "model": str(drafter),
+                              "beam_width": beam_width, "beam_length": beam_length}
+    return specs
+
+
+def run_config(name: str, spec: dict[str, Any] | None, settings: BenchSettings,
+               log_path: Path | None = None) -> list[CellResult]:
+    """Run one configuration in a subprocess; on failure, failed cells with the error."""
+    with tempfile.TemporaryDirectory(prefix="redrafter-bench-") as tmp:
+        job = Path(tmp) / "job.json"
+        result = Path(tmp) / "result.json"
+        job.write_text(json.dumps({"name": name, "spec": spec,
+                                   "settings": dataclasses.asdict(settings)}))
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(callable), ours only
+        log = open(log_path, "a") if log_path else subprocess.DEVNULL
+        error = None
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "vllm_redrafter.bench.worker", str(job), str(result)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, timeout=settings.timeout_s)
+            if proc.returncode != 0:
+                error = f"exited with code {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {settings.timeout_s:.0f} s"
+        finally:
+            if log_path:
+                log.close()
+        if error is None and result.is_file():
+            return [_cell_from_json(c) for c in json.loads(result.read_text())["cells"]]
+        if error is None:
+            error = "no result written"
+        if log_path:
+            error += f" (log: {log_path})"
+        logger.warning("bench configuration %s failed: %s", name, error)
+        return [CellResult(config=name, concurrency=c, temperature=t, status="failed",
+                           error=error)
+                for t in settings.temperatures for c in settings.concurrency]
+
+
+def _cell_from_json(d: dict[str, Any]) -> CellResult:
+    d = dict(d)
+    d["counters"] = SpecCounters(**d["counters"])
+    return CellResult(**d)
+
+
+def cell_to_json(cell: CellResult) -> dict[str, Any]:
+    return dataclasses.asdict(cell)

@@ -1,0 +1,100 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Benchmark subprocess: ``python -m vllm_redrafter.bench.worker JOB.json RESULT.json``.
+
+Starts one ``vllm.LLM`` engine for one speculative configuration and measures every
+(temperature, concurrency) cell of the job on the same prompts. Concurrency ``c`` is
+enforced exactly: the engine's request queue is refilled as requests finish, so ``c``
+requests are in flight until the prompts run out.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vllm_redrafter.bench.report import CellResult, SpecCounters, counters_from_metrics
+from vllm_redrafter.bench.runner import cell_to_json
+
+
+def _drafter_seconds(worker: Any) -> float:
+    """Cumulative seconds spent inside the ReDrafter proposer (run on each worker)."""
+    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    return float(getattr(drafter, "draft_seconds", 0.0) or 0.0)
+
+
+def _draft_seconds(llm: Any) -> float | None:
+    try:
+        values = llm.collective_rpc(_drafter_seconds)
+    except Exception:  # not every executor supports callables; timing is optional
+        return None
+    return max(values) if values else None
+
+
+def _run_cell(llm: Any, prompts: list[list[int]], max_tokens: int, concurrency: int,
+              temperature: float, seed: int, tag: str) -> tuple[list[list[int]], float]:
+    """Generate every prompt with ``concurrency`` requests in flight; (token ids, wall s)."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    outputs: dict[int, list[int]] = {}
+    pending = list(range(len(prompts)))
+    in_flight = 0
+    start = time.perf_counter()
+    while pending or in_flight:
+        while pending and in_flight < concurrency:
+            i = pending.pop(0)
+            params = SamplingParams(temperature=temperature, max_tokens=max_tokens,
+                                    seed=None if temperature == 0 else seed + i,
+                                    detokenize=False)
+            engine.add_request(f"{tag}-{i}", {"prompt_token_ids": prompts[i]}, params)
+            in_flight += 1
+        for out in engine.step():
+            if out.finished:
+                outputs[int(out.request_id.rsplit("-", 1)[1])] = list(
+                    out.outputs[0].token_ids)
+                in_flight -= 1
+    wall = time.perf_counter() - start
+    return [outputs[i] for i in range(len(prompts))], wall
+
+
+def main(job_path: str, result_path: str) -> int:
+    job = json.loads(Path(job_path).read_text())
+    name, spec, s = job["name"], job["spec"], job["settings"]
+    from vllm import LLM
+
+    has_tokenizer = any((Path(s["target"]) / f).is_file()
+                        for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    llm = LLM(s["target"], dtype=s["dtype"], enforce_eager=True,
+              max_model_len=s["max_model_len"], max_num_seqs=max(s["concurrency"]),
+              seed=s["seed"], speculative_config=spec, disable_log_stats=False,
+              skip_tokenizer_init=not has_tokenizer)
+    # Warm-up: one short request, so first-call costs stay out of the measurement.
+    _run_cell(llm, s["prompts"][:1], 8, 1, 0.0, s["seed"], "warmup")
+    cells = []
+    for temperature in s["temperatures"]:
+        for concurrency in s["concurrency"]:
+            before = counters_from_metrics(llm.get_metrics())
+            draft_before = _draft_seconds(llm)
+            token_ids, wall = _run_cell(llm, s["prompts"], s["max_tokens"], concurrency,
+                                        temperature, s["seed"], f"c{concurrency}t{temperature}")
+            draft_after = _draft_seconds(llm)
+            counters = counters_from_metrics(llm.get_metrics()).minus(before)
+            draft_s = (draft_after - draft_before
+                       if draft_before is not None and draft_after is not None else None)
+            cell = CellResult(
+                config=name, concurrency=concurrency, temperature=temperature,
+                num_prompts=len(token_ids), output_tokens=sum(map(len, token_ids)),
+                wall_s=wall, draft_s=draft_s if spec else None,
+                counters=counters if spec else SpecCounters(), token_ids=token_ids)
+            cells.append(cell)
+            print(f"[bench] {name} c={concurrency} T={temperature}: "
+                  f"{cell.output_tokens / wall:.1f} tok/s", file=sys.stderr, flush=True)
+    Path(result_path).write_text(json.dumps({"cells": [cell_to_json(c) for c in cells]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))

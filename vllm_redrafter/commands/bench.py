@@ -1,0 +1,137 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``vllm-redrafter bench``: no speculation vs vLLM n-gram vs ReDrafter, side by side.
+
+All configurations of one invocation use the same target, prompts (chat template applied),
+max tokens, concurrency levels and temperatures, so the ratios are measured in one run.
+Results: ``bench.json`` (stable keys), ``bench.md`` (table) and ``bench.png`` (plot) in
+``--out``; the table is also printed on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+DEFAULT_MT_BENCH = Path("../shared/data/mt_bench_questions.jsonl")
+DEFAULT_DRAFTER = Path("examples/drafters/smollm2-135m-instruct")
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s: "
+                                             f"{text!r}") from exc
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=None,
+                        help="target model dir (default: the demo target, converted if needed)")
+    parser.add_argument("--drafter", default=None,
+                        help=f"ReDrafter checkpoint dir (default: {DEFAULT_DRAFTER} if present)")
+    parser.add_argument("--prompts", default=None,
+                        help="prompts JSONL (prompt / turns / conversations); default: MT-Bench "
+                             f"first turns from {DEFAULT_MT_BENCH} when present")
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", type=_csv(int), default=[1, 4, 16],
+                        help="comma-separated concurrency levels (default 1,4,16)")
+    parser.add_argument("--temperatures", type=_csv(float), default=[0.0, 0.7],
+                        help="comma-separated temperatures (default 0,0.7)")
+    parser.add_argument("--configs", type=_csv(str), default=["none", "ngram", "redrafter"],
+                        help="configurations to run (default none,ngram,redrafter)")
+    parser.add_argument("--beam-width", type=int, default=None,
+                        help="ReDrafter beam width (default: the checkpoint's)")
+    parser.add_argument("--beam-length", type=int, default=None,
+                        help="ReDrafter beam length incl. the target token (default: the "
+                             "checkpoint's)")
+    parser.add_argument("--dtype", default="float32",
+                        help="target dtype (float32 makes greedy outputs comparable)")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=3600.0,
+                        help="seconds allowed per configuration")
+    parser.add_argument("--out", default=None,
+                        help="output dir (default: bench-results/<UTC timestamp>)")
+
+
+def _resolve_drafter(args: argparse.Namespace) -> str | None:
+    if args.drafter:
+        return args.drafter
+    return str(DEFAULT_DRAFTER) if (DEFAULT_DRAFTER / "config.json").is_file() else None
+
+
+def _beam_defaults(drafter: str | None, args: argparse.Namespace) -> tuple[int, int]:
+    width, length = args.beam_width, args.beam_length
+    if drafter and (width is None or length is None):
+        from vllm_redrafter.checkpoint import load_checkpoint_config
+
+        cfg = load_checkpoint_config(drafter)
+        options = cfg.default_options() if hasattr(cfg, "default_options") else None
+        if options is not None:
+            width = width if width is not None else options.beam_width
+            length = length if length is not None else options.beam_length
+    return width or 4, length or 4
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_redrafter.bench import report as rep
+    from vllm_redrafter.bench.runner import BenchSettings, config_specs, run_config
+    from vllm_redrafter.training.data import load_prompts
+    from vllm_redrafter.training.generate import render_prompts
+
+    target = args.target
+    if target is None:
+        from vllm_redrafter.demo_target import prepare_demo_target
+
+        target = str(prepare_demo_target())
+    prompts_path = Path(args.prompts) if args.prompts else DEFAULT_MT_BENCH
+    if not prompts_path.is_file():
+        print(f"vllm-redrafter bench: error: prompts file {prompts_path} not found; "
+              "pass --prompts", file=sys.stderr)
+        return 2
+    drafter = _resolve_drafter(args)
+    if "redrafter" in args.configs and drafter is None:
+        print("vllm-redrafter bench: error: no drafter: pass --drafter DIR (or drop "
+              "redrafter from --configs)", file=sys.stderr)
+        return 2
+    width, length = _beam_defaults(drafter, args)
+    records = load_prompts(prompts_path, limit=args.num_prompts)
+    token_ids = [ids for ids in render_prompts(records, target, args.max_model_len // 2)
+                 if ids is not None]
+    settings = BenchSettings(target=target, prompts=token_ids, max_tokens=args.max_tokens,
+                             concurrency=args.concurrency, temperatures=args.temperatures,
+                             dtype=args.dtype, max_model_len=args.max_model_len,
+                             seed=args.seed, timeout_s=args.timeout)
+    specs = config_specs(drafter, width, length)
+    unknown = [c for c in args.configs if c not in specs]
+    if unknown:
+        print(f"vllm-redrafter bench: error: unknown configs {unknown}; choose from "
+              f"{sorted(specs)}", file=sys.stderr)
+        return 2
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out_dir = Path(args.out) if args.out else Path("bench-results") / stamp
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = []
+    for name in args.configs:
+        print(f"[bench] running {name} ({len(token_ids)} prompts)...", file=sys.stderr,
+              flush=True)
+        cells += run_config(name, specs[name], settings, log_path=out_dir / f"{name}.log")
+    meta = {"date": stamp, "command": "vllm-redrafter bench " + shlex.join(sys.argv[2:]),
+            "machine": {"platform": platform.platform(), "processor": platform.processor()}}
+    run_settings = {"target": target, "drafter": drafter, "prompts": str(prompts_path),
+                    "num_prompts": len(token_ids), "max_tokens": args.max_tokens,
+                    "concurrency": args.concurrency, "temperatures": args.temperatures,
+                    "dtype": args.dtype, "beam_width": width, "beam_length": length,
+                    "configs": args.configs}
+    report = rep.build_report(cells, run_settings, meta)
+    paths = rep.write_reports(report, out_dir)
+    print(rep.markdown_table(report))
+    print(f"[bench] wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0 if all(c.status == "ok" for c in cells) else 1

@@ -1,0 +1,444 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The guarded vLLM hooks of ReDrafter's chain mode; each registers itself in the ledger.
+
+==============================  ==================================================  =========
+patch                           target                                               applied
+==============================  ==================================================  =========
+runner-propose-draft-hook       ``GPUModelRunner.propose_draft_token_ids``           proposer
+engine-args-redrafter-config    ``EngineArgs.create_speculative_config``             plugin
+cli-speculative-model-arg       ``EngineArgs.add_cli_args``                          plugin
+cli-speculative-model-merge     ``EngineArgs.from_cli_args``                         plugin
+refusal-guard                   ``EngineArgs.create_speculative_config``             refused
+cpu-expand-kernel-fix           ``cpu_triton_utils._expand_kernel_impl`` (CPU only)  plugin
+==============================  ==================================================  =========
+
+(The last one lives in :mod:`vllm_redrafter.integration.cpu_fixes`, imported here.)
+
+Each ``apply`` function checks the vLLM version and the exact parameter list of what it
+wraps (``compat.require_parameters``), raises :class:`PatchError` on a mismatch, marks the
+wrapper so that a second application is a no-op, and keeps the original reachable as
+``wrapper.__wrapped__``. ``docs/patches.md`` is the rendered ledger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from vllm_redrafter import SUPPORTED_VLLM_RANGE, __version__
+from vllm_redrafter.integration import compat, spec_config
+from vllm_redrafter.integration.patches import Patch, PatchError, register_patch
+from vllm_redrafter.logger import get_logger
+
+logger = get_logger(__name__)
+
+_MARK = "__redrafter_patch__"
+"""Attribute set on every wrapper (value: the patch name); makes patches idempotent."""
+
+
+def _is_patched(func: Any, name: str) -> bool:
+    return getattr(func, _MARK, None) == name
+
+
+def _mark(wrapper: Any, name: str) -> Any:
+    setattr(wrapper, _MARK, name)
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------
+# runner-propose-draft-hook: give the proposer the target's hidden states
+# --------------------------------------------------------------------------------------
+
+RUNNER_HOOK = "runner-propose-draft-hook"
+RUNNER_PARAMETERS = (
+    "self",
+    "scheduler_output",
+    "sampled_token_ids",
+    "sampling_metadata",
+    "hidden_states",
+    "sample_hidden_states",
+    "aux_hidden_states",
+    "spec_decode_metadata",
+    "common_attn_metadata",
+    "slot_mappings",
+)
+
+
+def _apply_runner_hook() -> None:
+    compat.require_vllm_version(RUNNER_HOOK)
+    from vllm.v1.worker import gpu_model_runner
+
+    runner_cls = compat.require_attribute(RUNNER_HOOK, gpu_model_runner, "GPUModelRunner")
+    current = compat.require_attribute(RUNNER_HOOK, runner_cls, "propose_draft_token_ids")
+    if _is_patched(current, RUNNER_HOOK):
+        return
+    signature = compat.require_parameters(RUNNER_HOOK, current, RUNNER_PARAMETERS)
+    # The CPU runner subclasses GPUModelRunner; an override there would bypass the hook.
+    cpu_module = sys.modules.get("vllm.v1.worker.cpu_model_runner")
+    cpu_cls = getattr(cpu_module, "CPUModelRunner", None)
+    if cpu_cls is not None and "propose_draft_token_ids" in vars(cpu_cls):
+        raise PatchError(
+            f"patch {RUNNER_HOOK}: CPUModelRunner overrides propose_draft_token_ids; "
+            "this vLLM version is not supported"
+        )
+    original = current
+
+    @functools.wraps(original)
+    def propose_draft_token_ids(self: Any, *args: Any, **kwargs: Any) -> Any:
+        drafter = getattr(self, "drafter", None)
+        propose_with_context = getattr(drafter, "propose_with_context", None)
+        spec = getattr(self, "speculative_config", None)
+        if propose_with_context is None or getattr(spec, "method", None) != "custom_class":
+            return original(self, *args, **kwargs)
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        # Point-mass acceptance: the beam is a deterministic proposal, so vLLM's
+        # rejection sampler must get no draft probabilities (q(x) = 1).
+        self._draft_probs = None
+        self._draft_prob_req_ids = None
+        return propose_with_context(
+            runner=self,
+            scheduler_output=arguments["scheduler_output"],
+            sampled_token_ids=arguments["sampled_token_ids"],
+            sampling_metadata=arguments["sampling_metadata"],
+            hidden_states=arguments["hidden_states"],
+            sample_hidden_states=arguments["sample_hidden_states"],
+            spec_decode_metadata=arguments["spec_decode_metadata"],
+            common_attn_metadata=arguments["common_attn_metadata"],
+        )
+
+    runner_cls.propose_draft_token_ids = _mark(propose_draft_token_ids, RUNNER_HOOK)
+
+
+register_patch(
+    Patch(
+        name=RUNNER_HOOK,
+        target="vllm.v1.worker.gpu_model_runner.GPUModelRunner.propose_draft_token_ids",
+        why="vLLM's custom_class proposer API passes only token ids to propose(); "
+        "ReDrafter needs the target's post-norm hidden state of each request's last "
+        "accepted token, which only exists inside this method's caller.",
+        how="Wrapper bound with the original's signature: when the runner's drafter has "
+        "propose_with_context() and method is custom_class, it clears the draft "
+        "probabilities (point-mass acceptance) and calls propose_with_context with the "
+        "hidden states, spec-decode metadata and sampled tokens; otherwise it calls the "
+        "original unchanged. Applied lazily when ReDrafterProposer is built in a model "
+        "runner, so front-end processes never import the runner module.",
+        remove_when="custom_class proposers receive hidden states / spec-decode metadata "
+        "upstream (e.g. a propose(..., target_hidden_states=...) extension), or vLLM "
+        "gains a proposer registry with a hidden-state-aware interface.",
+        apply=_apply_runner_hook,
+        stage="proposer",
+    )
+)
+
+
+# --------------------------------------------------------------------------------------
+# engine-args-redrafter-config: method="redrafter" -> custom_class + additional_config
+# --------------------------------------------------------------------------------------
+
+CONFIG_HOOK = "engine-args-redrafter-config"
+CONFIG_PARAMETERS = ("self", "target_model_config", "target_parallel_config")
+_FLAG_KEYS = (
+    ("spec_method", "method"),
+    ("spec_model", "model"),
+    ("spec_tokens", "num_speculative_tokens"),
+)
+
+
+def _user_spec_view(engine_args: Any) -> dict[str, Any] | None:
+    """The user's speculative config as vLLM would merge it (dict + --spec-* flags)."""
+    spec = engine_args.speculative_config
+    view = dict(spec) if isinstance(spec, Mapping) else None
+    for attr, key in _FLAG_KEYS:
+        value = getattr(engine_args, attr, None)
+        if value is not None:
+            view = {} if view is None else view
+            view.setdefault(key, value)
+    return view
+
+
+def _target_sizes(target_model_config: Any) -> tuple[int | None, int | None]:
+    """(hidden size, vocabulary size) of the target ModelConfig."""
+    return target_model_config.get_hidden_size(), target_model_config.get_vocab_size()
+
+
+def _store_settings(engine_args: Any, settings: spec_config.ReDrafterSettings) -> None:
+    """Put the settings into ``engine_args.additional_config["redrafter"]``."""
+    key = compat.ADDITIONAL_CONFIG_KEY
+    additional = engine_args.additional_config
+    additional = dict(additional) if isinstance(additional, Mapping) else {}
+    new = settings.to_dict()
+    old = additional.get(key)
+    if old is not None and old != new:
+        raise spec_config.ReDrafterConfigError(
+            f"additional_config[{key!r}]={old!r} conflicts with the ReDrafter settings "
+            f"given in speculative_config ({new!r}); give them in one place only"
+        )
+    additional[key] = new
+    engine_args.additional_config = additional
+
+
+def _apply_config_hook() -> None:
+    compat.require_vllm_version(CONFIG_HOOK)
+    from vllm.engine.arg_utils import EngineArgs
+
+    current = compat.require_attribute(CONFIG_HOOK, EngineArgs, "create_speculative_config")
+    if _is_patched(current, CONFIG_HOOK):
+        return
+    compat.require_parameters(CONFIG_HOOK, current, CONFIG_PARAMETERS)
+    fields = getattr(EngineArgs, "__dataclass_fields__", {})
+    needed = ["speculative_config", "additional_config"] + [a for a, _ in _FLAG_KEYS]
+    missing = [name for name in needed if name not in fields]
+    if missing:
+        raise PatchError(f"patch {CONFIG_HOOK}: EngineArgs lacks fields {missing}")
+    original = current
+
+    @functools.wraps(original)
+    def create_speculative_config(
+        self: Any, target_model_config: Any, target_parallel_config: Any
+    ) -> Any:
+        view = _user_spec_view(self)
+        if spec_config.is_redrafter_request(view):
+            assert view is not None
+            hidden, vocab = _target_sizes(target_model_config)
+            vllm_spec, settings = spec_config.translate_speculative_config(
+                view, target_hidden_size=hidden, target_vocab_size=vocab
+            )
+            _store_settings(self, settings)
+            # The --spec-* flags were folded into the view; vLLM must not re-merge them.
+            for attr, _ in _FLAG_KEYS:
+                setattr(self, attr, None)
+            self.speculative_config = vllm_spec
+            logger.info(
+                "ReDrafter speculative decoding: drafter %s, beam_width=%d, "
+                "beam_length=%d, num_speculative_tokens=%d (chain verification)",
+                settings.drafter_dir,
+                settings.options.beam_width,
+                settings.options.beam_length,
+                settings.num_speculative_tokens,
+            )
+        elif spec_config.is_custom_class_request(view):
+            assert view is not None
+            hidden, vocab = _target_sizes(target_model_config)
+            spec_config.validate_custom_class_settings(
+                self.additional_config,
+                view.get("num_speculative_tokens"),
+                target_hidden_size=hidden,
+                target_vocab_size=vocab,
+            )
+        return original(self, target_model_config, target_parallel_config)
+
+    EngineArgs.create_speculative_config = _mark(create_speculative_config, CONFIG_HOOK)
+
+
+register_patch(
+    Patch(
+        name=CONFIG_HOOK,
+        target="vllm.engine.arg_utils.EngineArgs.create_speculative_config",
+        why="SpeculativeConfig is a closed pydantic dataclass (method is a Literal, "
+        "extra keys are forbidden), so speculative_config={'method': 'redrafter', "
+        "'beam_width': ...} cannot reach vLLM as given.",
+        how="Before the original builds SpeculativeConfig from the user's dict (LLM(...), "
+        "--speculative-config, --spec-* flags), a ReDrafter request is validated in "
+        "process 0 (options, drafter config.json vs target hidden/vocab sizes, "
+        "num_speculative_tokens == beam_length - 1) and rewritten to method="
+        "'custom_class', model=<ReDrafterProposer path>; the settings move to "
+        "additional_config['redrafter'], which vLLM hashes and pickles to every worker.",
+        remove_when="vLLM lets plugins register speculative methods with their own "
+        "config keys (a method registry or an extra-config field on SpeculativeConfig).",
+        apply=_apply_config_hook,
+    )
+)
+
+
+# --------------------------------------------------------------------------------------
+# cli-speculative-model-*: `vllm serve <target> --speculative-model redrafter:<dir>`
+# --------------------------------------------------------------------------------------
+
+CLI_ARG_HOOK = "cli-speculative-model-arg"
+CLI_MERGE_HOOK = "cli-speculative-model-merge"
+CLI_OPTION = "--speculative-model"
+CLI_DEST = "speculative_model"
+
+
+def parse_speculative_model(value: str) -> str:
+    """argparse ``type`` of ``--speculative-model``: ``redrafter:<dir>`` -> ``<dir>``."""
+    drafter_dir = spec_config.strip_model_prefix(value)
+    if not drafter_dir:
+        raise argparse.ArgumentTypeError(
+            f"expected redrafter:<drafter checkpoint dir>, got {value!r} (other "
+            "speculative methods are configured with --speculative-config)"
+        )
+    return value
+
+
+def merge_speculative_model(args: argparse.Namespace) -> None:
+    """Fold ``args.speculative_model`` into ``args.speculative_config`` (in place).
+
+    Raises:
+        ValueError: if ``--speculative-config`` names another method or model.
+    """
+    value = getattr(args, CLI_DEST, None)
+    if value is None:
+        return
+    drafter_dir = spec_config.strip_model_prefix(value)
+    spec = getattr(args, "speculative_config", None)
+    spec = dict(spec) if isinstance(spec, Mapping) else {}
+    for key, wanted in (("method", spec_config.REDRAFTER_METHOD), ("model", drafter_dir)):
+        found = spec.get(key)
+        if key == "model" and found is not None:
+            found = spec_config.strip_model_prefix(found) or found
+        if found is not None and found != wanted:
+            raise ValueError(
+                f"{CLI_OPTION} {value} conflicts with --speculative-config "
+                f"{key}={spec.get(key)!r}"
+            )
+    spec["method"] = spec_config.REDRAFTER_METHOD
+    spec["model"] = drafter_dir
+    args.speculative_config = spec
+    setattr(args, CLI_DEST, None)
+
+
+def _apply_cli_arg_hook() -> None:
+    compat.require_vllm_version(CLI_ARG_HOOK)
+    from vllm.engine.arg_utils import EngineArgs
+
+    raw = EngineArgs.__dict__.get("add_cli_args")
+    if not isinstance(raw, staticmethod):
+        raise PatchError(
+            f"patch {CLI_ARG_HOOK}: EngineArgs.add_cli_args is not a staticmethod"
+        )
+    current = raw.__func__
+    if _is_patched(current, CLI_ARG_HOOK):
+        return
+    compat.require_parameters(CLI_ARG_HOOK, current, ("parser",))
+    original = current
+
+    @functools.wraps(original)
+    def add_cli_args(parser: Any) -> Any:
+        parser = original(parser)
+        if CLI_OPTION not in getattr(parser, "_option_string_actions", {}):
+            parser.add_argument(
+                CLI_OPTION,
+                dest=CLI_DEST,
+                type=parse_speculative_model,
+                default=None,
+                metavar="redrafter:DIR",
+                help="ReDrafter speculative decoding with the drafter checkpoint in DIR "
+                "(vllm-redrafter plugin). Shorthand of --speculative-config "
+                "'{\"method\": \"redrafter\", \"model\": \"DIR\"}'; beam settings default "
+                "to the checkpoint's and can be set in --speculative-config.",
+            )
+        return parser
+
+    EngineArgs.add_cli_args = staticmethod(_mark(add_cli_args, CLI_ARG_HOOK))
+
+
+def _apply_cli_merge_hook() -> None:
+    compat.require_vllm_version(CLI_MERGE_HOOK)
+    from vllm.engine.arg_utils import EngineArgs
+
+    raw = EngineArgs.__dict__.get("from_cli_args")
+    if not isinstance(raw, classmethod):
+        raise PatchError(
+            f"patch {CLI_MERGE_HOOK}: EngineArgs.from_cli_args is not a classmethod"
+        )
+    current = raw.__func__
+    if _is_patched(current, CLI_MERGE_HOOK):
+        return
+    compat.require_parameters(CLI_MERGE_HOOK, current, ("cls", "args"))
+    original = current
+
+    @functools.wraps(original)
+    def from_cli_args(cls: Any, args: argparse.Namespace) -> Any:
+        merge_speculative_model(args)
+        return original(cls, args)
+
+    EngineArgs.from_cli_args = classmethod(_mark(from_cli_args, CLI_MERGE_HOOK))
+
+
+register_patch(
+    Patch(
+        name=CLI_ARG_HOOK,
+        target="vllm.engine.arg_utils.EngineArgs.add_cli_args",
+        why="The design card's shorthand `vllm serve <target> --speculative-model "
+        "redrafter:<dir>` needs a CLI option vLLM 0.32 does not have.",
+        how="Wrapper calls the original, then adds --speculative-model (type-checked to "
+        "redrafter:<dir>) unless the parser already has it. vLLM loads general plugins "
+        "before building the serve parser (AsyncEngineArgs.add_cli_args), so the option "
+        "exists for `vllm serve`.",
+        remove_when="The shorthand is dropped in favour of --speculative-config, or vLLM "
+        "offers a plugin hook for CLI options.",
+        apply=_apply_cli_arg_hook,
+    )
+)
+register_patch(
+    Patch(
+        name=CLI_MERGE_HOOK,
+        target="vllm.engine.arg_utils.EngineArgs.from_cli_args",
+        why="from_cli_args only copies EngineArgs dataclass fields, so the parsed "
+        "--speculative-model value would be dropped.",
+        how="Wrapper folds args.speculative_model into args.speculative_config as "
+        "{'method': 'redrafter', 'model': <dir>} (error on a conflicting method/model), "
+        "then calls the original.",
+        remove_when="Same as cli-speculative-model-arg.",
+        apply=_apply_cli_merge_hook,
+    )
+)
+
+
+# --------------------------------------------------------------------------------------
+# refusal-guard: a clear error when the plugin refused this vLLM version
+# --------------------------------------------------------------------------------------
+
+REFUSAL_GUARD = "refusal-guard"
+
+
+def _apply_refusal_guard() -> None:
+    """Installed only when the plugin refused the vLLM version: best effort, no checks
+    beyond the attribute's existence (the version is unsupported by definition)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    current = getattr(EngineArgs, "create_speculative_config", None)
+    if current is None or _is_patched(current, REFUSAL_GUARD):
+        return
+    original = current
+
+    @functools.wraps(original)
+    def create_speculative_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        view = _user_spec_view(self)
+        if spec_config.is_redrafter_request(view) or spec_config.is_custom_class_request(
+            view
+        ):
+            low, high = SUPPORTED_VLLM_RANGE
+            raise RuntimeError(
+                f"ReDrafter speculative decoding is unavailable: vllm-redrafter "
+                f"{__version__} supports vLLM >={low},<{high}, but vLLM "
+                f"{compat.vllm_version()} is installed. Install a supported vLLM or a "
+                "vllm-redrafter release for this vLLM."
+            )
+        return original(self, *args, **kwargs)
+
+    EngineArgs.create_speculative_config = _mark(create_speculative_config, REFUSAL_GUARD)
+
+
+register_patch(
+    Patch(
+        name=REFUSAL_GUARD,
+        target="vllm.engine.arg_utils.EngineArgs.create_speculative_config",
+        why="On an unsupported vLLM the plugin applies none of its patches, so a "
+        "ReDrafter config would fail with an unrelated pydantic error.",
+        how="Only when the plugin refuses the vLLM version: a wrapper that raises a "
+        "RuntimeError naming the installed and supported versions if the speculative "
+        "config asks for ReDrafter, and calls the original otherwise.",
+        remove_when="Never needed on supported versions; remove with the version gate.",
+        apply=_apply_refusal_guard,
+        stage="refused",
+    )
+)
+
+
+# A vLLM CPU-backend bug fix, registered in the same ledger (see its module docstring).
+from vllm_redrafter.integration import cpu_fixes  # noqa: E402,F401

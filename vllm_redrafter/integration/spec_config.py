@@ -1,0 +1,322 @@
+# SPDX-License-Identifier: Apache-2.0
+"""User-facing configuration: ``speculative_config={"method": "redrafter", ...}``.
+
+vLLM knows nothing about ReDrafter; what it does have is the experimental ``custom_class``
+speculative method (a proposer class loaded by dotted path). This module translates the
+user's ReDrafter request into that form, validates it, and decides what every process
+will see:
+
+* ``speculative_config`` becomes ``{"method": "custom_class", "model":
+  PROPOSER_CLASS_PATH, "num_speculative_tokens": L - 1, <other vLLM keys unchanged>}``;
+* the ReDrafter settings (drafter directory, beam width and length, ...) travel in
+  ``VllmConfig.additional_config["redrafter"]``, a plain JSON-able dict that vLLM hashes
+  into the config hash and pickles to every worker, including Ray actors.
+
+Accepted user forms (all equivalent)::
+
+    speculative_config={"method": "redrafter", "model": "/ckpt", "beam_width": 4,
+                        "beam_length": 4}                   # num_speculative_tokens derived
+    speculative_config={"model": "redrafter:/ckpt", ...}       # shorthand of the above
+    --speculative-model redrafter:/ckpt                         # CLI shorthand (hooks.py)
+    speculative_config={"method": "custom_class", "model": PROPOSER_CLASS_PATH,
+                        "num_speculative_tokens": 3},
+    additional_config={"redrafter": {"model": "/ckpt", "beam_width": 4, "beam_length": 4}}
+
+Everything here runs in process 0 (the ``LLM`` / API-server process) before any worker
+starts, so a bad setting fails fast with a message naming the field. This module does not
+import vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from vllm_redrafter.config import DrafterConfig, ReDrafterOptions
+from vllm_redrafter.integration.compat import ADDITIONAL_CONFIG_KEY, PROPOSER_CLASS_PATH
+
+REDRAFTER_METHOD = "redrafter"
+"""``speculative_config["method"]`` that selects ReDrafter."""
+
+MODEL_PREFIX = "redrafter:"
+"""``--speculative-model redrafter:<dir>`` / ``"model": "redrafter:<dir>"`` shorthand."""
+
+OPTION_KEYS: tuple[str, ...] = tuple(ReDrafterOptions.model_fields)
+"""ReDrafter knobs accepted inside ``speculative_config`` (beam_width, beam_length, ...)."""
+
+
+class ReDrafterConfigError(ValueError):
+    """A ReDrafter setting is invalid or inconsistent with the target model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReDrafterSettings:
+    """Resolved ReDrafter settings, as carried in ``additional_config["redrafter"]``.
+
+    Attributes:
+        drafter_dir: absolute path of the drafter checkpoint directory.
+        options: validated runtime options (beam width/length, tree, draft_top_k).
+    """
+
+    drafter_dir: str
+    options: ReDrafterOptions
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        """Tokens vLLM must schedule per request and step: ``L - 1`` in chain mode."""
+        return self.options.num_draft_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form stored in ``additional_config["redrafter"]``."""
+        return {"model": self.drafter_dir, **self.options.model_dump(mode="json")}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ReDrafterSettings:
+        """Inverse of :meth:`to_dict` (no checkpoint access, no defaults from disk).
+
+        Raises:
+            ReDrafterConfigError: missing ``model`` or invalid options.
+        """
+        values = dict(values)
+        drafter_dir = values.pop("model", None)
+        if not isinstance(drafter_dir, str) or not drafter_dir:
+            raise ReDrafterConfigError(
+                f"additional_config[{ADDITIONAL_CONFIG_KEY!r}] needs 'model': the "
+                f"drafter checkpoint directory; got {drafter_dir!r}"
+            )
+        return cls(drafter_dir=drafter_dir, options=_options(values))
+
+
+def _options(values: Mapping[str, Any]) -> ReDrafterOptions:
+    """``ReDrafterOptions.from_mapping`` with errors re-raised as ReDrafterConfigError."""
+    try:
+        return ReDrafterOptions.from_mapping(values)
+    except (ValidationError, ValueError) as err:
+        raise ReDrafterConfigError(f"invalid ReDrafter option: {_short(err)}") from err
+
+
+def _short(err: Exception) -> str:
+    """One-line summary of a pydantic error (field name + message), else ``str(err)``."""
+    if isinstance(err, ValidationError):
+        parts = []
+        for item in err.errors():
+            loc = ".".join(str(x) for x in item.get("loc", ())) or "value"
+            msg = str(item.get("msg", "")).removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}")
+        return "; ".join(parts)
+    return str(err)
+
+
+def strip_model_prefix(model: Any) -> str | None:
+    """``"redrafter:/ckpt"`` -> ``"/ckpt"``; anything else -> None."""
+    if isinstance(model, str) and model.startswith(MODEL_PREFIX):
+        return model[len(MODEL_PREFIX):]
+    return None
+
+
+def is_redrafter_request(spec: Mapping[str, Any] | None) -> bool:
+    """Whether a user ``speculative_config`` mapping asks for ReDrafter.
+
+    True for ``method == "redrafter"`` and for a ``model`` spelled ``redrafter:<dir>``.
+    """
+    if not isinstance(spec, Mapping):
+        return False
+    method = spec.get("method")
+    if method == REDRAFTER_METHOD:
+        return True
+    if method not in (None, REDRAFTER_METHOD):
+        return False
+    return strip_model_prefix(spec.get("model")) is not None
+
+
+def is_custom_class_request(spec: Mapping[str, Any] | None) -> bool:
+    """Whether ``spec`` names our proposer through vLLM's ``custom_class`` method."""
+    return isinstance(spec, Mapping) and spec.get("model") == PROPOSER_CLASS_PATH
+
+
+def load_drafter_config(
+    drafter_dir: str | Path,
+) -> tuple[Path, DrafterConfig, ReDrafterOptions]:
+    """Read a drafter checkpoint's ``config.json`` (ours or Apple's).
+
+    Returns:
+        ``(absolute directory, architecture, beam defaults advertised by the checkpoint)``.
+
+    Raises:
+        ReDrafterConfigError: the directory or its config is missing or invalid.
+    """
+    from vllm_redrafter.checkpoint import load_checkpoint_config
+
+    path = Path(drafter_dir).expanduser()
+    if not path.is_dir():
+        raise ReDrafterConfigError(
+            f"ReDrafter drafter directory {str(drafter_dir)!r} does not exist or is not a "
+            "directory (speculative_config['model'] must be a local drafter checkpoint "
+            "directory holding config.json and model.safetensors)"
+        )
+    try:
+        checkpoint = load_checkpoint_config(path)
+    except (OSError, ValueError) as err:
+        raise ReDrafterConfigError(f"cannot read ReDrafter drafter config: {err}") from err
+    return path.resolve(), checkpoint.drafter, checkpoint.default_options()
+
+
+def check_against_target(
+    drafter: DrafterConfig,
+    drafter_dir: str | Path,
+    target_hidden_size: int | None,
+    target_vocab_size: int | None,
+) -> None:
+    """Reject a drafter trained for a target of another hidden size or vocabulary.
+
+    Raises:
+        ReDrafterConfigError: naming both sizes.
+    """
+    if target_hidden_size is not None and drafter.hidden_size != target_hidden_size:
+        raise ReDrafterConfigError(
+            f"ReDrafter drafter {drafter_dir} has hidden_size={drafter.hidden_size} but "
+            f"the target model's hidden_size is {target_hidden_size}; the drafter must "
+            "be trained on this target's hidden states"
+        )
+    if target_vocab_size is not None and drafter.vocab_size != target_vocab_size:
+        raise ReDrafterConfigError(
+            f"ReDrafter drafter {drafter_dir} has vocab_size={drafter.vocab_size} but "
+            f"the target model's vocab_size is {target_vocab_size}; the drafter must "
+            "use the target's vocabulary"
+        )
+
+
+def _check_chain_mode(options: ReDrafterOptions) -> None:
+    if options.tree:
+        raise ReDrafterConfigError(
+            "ReDrafter option tree=true (tree verification) is not available in this "
+            "build; use tree=false (the best beam is verified as a linear draft)"
+        )
+
+
+def _check_num_tokens(value: Any, options: ReDrafterOptions, *, derived_from: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ReDrafterConfigError(
+            f"num_speculative_tokens must be an integer, got {value!r}"
+        )
+    if value != options.num_draft_tokens:
+        raise ReDrafterConfigError(
+            f"num_speculative_tokens={value} is inconsistent with ReDrafter "
+            f"beam_length={options.beam_length} ({derived_from}): in chain mode it must "
+            f"equal beam_length - 1 = {options.num_draft_tokens}; omit "
+            "num_speculative_tokens to have it derived"
+        )
+
+
+def translate_speculative_config(
+    spec: Mapping[str, Any],
+    *,
+    target_hidden_size: int | None,
+    target_vocab_size: int | None,
+) -> tuple[dict[str, Any], ReDrafterSettings]:
+    """Turn a user ReDrafter ``speculative_config`` into vLLM's ``custom_class`` form.
+
+    Resolution of the beam settings (first that applies): explicit ``beam_width`` /
+    ``beam_length`` keys; ``beam_length = num_speculative_tokens + 1`` if only the latter
+    is given; the defaults advertised by the checkpoint's ``config.json``.
+
+    Args:
+        spec: the user mapping (``method``/``model`` plus ReDrafter and vLLM keys).
+        target_hidden_size: the target's hidden size (None skips the check).
+        target_vocab_size: the target's vocabulary size (None skips the check).
+
+    Returns:
+        ``(vLLM speculative_config dict, settings for additional_config)``.
+
+    Raises:
+        ReDrafterConfigError: with a message naming the offending key.
+    """
+    values = {str(k).replace("-", "_"): v for k, v in spec.items()}
+    method = values.pop("method", None)
+    if method not in (None, REDRAFTER_METHOD):
+        raise ReDrafterConfigError(f"not a ReDrafter speculative_config: method={method!r}")
+    model = values.pop("model", None)
+    drafter_dir = strip_model_prefix(model) or model
+    if not isinstance(drafter_dir, str) or not drafter_dir:
+        raise ReDrafterConfigError(
+            "speculative_config with method='redrafter' needs 'model': the drafter "
+            f"checkpoint directory; got {model!r}"
+        )
+    user_options = {key: values.pop(key) for key in OPTION_KEYS if key in values}
+    num_tokens = values.pop("num_speculative_tokens", None)
+
+    path, drafter, defaults = load_drafter_config(drafter_dir)
+    merged = defaults.model_dump()
+    if "beam_length" not in user_options and isinstance(num_tokens, int) and not isinstance(
+        num_tokens, bool
+    ):
+        merged["beam_length"] = num_tokens + 1
+        source = "derived from num_speculative_tokens"
+    else:
+        source = "given" if "beam_length" in user_options else "the checkpoint default"
+    merged.update(user_options)
+    options = _options(merged)
+    _check_num_tokens(num_tokens, options, derived_from=source)
+    _check_chain_mode(options)
+    check_against_target(drafter, path, target_hidden_size, target_vocab_size)
+
+    settings = ReDrafterSettings(drafter_dir=str(path), options=options)
+    vllm_spec = {
+        **values,
+        "method": "custom_class",
+        "model": PROPOSER_CLASS_PATH,
+        "num_speculative_tokens": settings.num_speculative_tokens,
+    }
+    return vllm_spec, settings
+
+
+def validate_custom_class_settings(
+    additional_config: Mapping[str, Any] | None,
+    num_speculative_tokens: Any,
+    *,
+    target_hidden_size: int | None,
+    target_vocab_size: int | None,
+) -> ReDrafterSettings:
+    """Validate the ``custom_class`` + ``additional_config["redrafter"]`` form.
+
+    Raises:
+        ReDrafterConfigError: missing/invalid settings or a mismatch with the target.
+    """
+    raw = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    if not isinstance(raw, Mapping):
+        raise ReDrafterConfigError(
+            f"speculative_config model={PROPOSER_CLASS_PATH!r} needs the ReDrafter "
+            f"settings in additional_config[{ADDITIONAL_CONFIG_KEY!r}] (e.g. "
+            '{"model": "<drafter dir>", "beam_width": 4, "beam_length": 4}); '
+            'or use speculative_config={"method": "redrafter", "model": "<drafter dir>"}'
+        )
+    settings = ReDrafterSettings.from_dict(raw)
+    path, drafter, _ = load_drafter_config(settings.drafter_dir)
+    _check_num_tokens(num_speculative_tokens, settings.options, derived_from="given")
+    _check_chain_mode(settings.options)
+    check_against_target(drafter, path, target_hidden_size, target_vocab_size)
+    return dataclasses.replace(settings, drafter_dir=str(path))
+
+
+def settings_from_vllm_config(vllm_config: Any) -> ReDrafterSettings:
+    """The settings a worker reads back from ``vllm_config.additional_config``.
+
+    Raises:
+        ReDrafterConfigError: if the settings are absent or invalid.
+    """
+    additional = getattr(vllm_config, "additional_config", None)
+    raw = additional.get(ADDITIONAL_CONFIG_KEY) if isinstance(additional, Mapping) else None
+    if not isinstance(raw, Mapping):
+        raise ReDrafterConfigError(
+            "ReDrafterProposer found no settings in "
+            f"additional_config[{ADDITIONAL_CONFIG_KEY!r}]; configure ReDrafter with "
+            'speculative_config={"method": "redrafter", "model": "<drafter dir>"} '
+            "(with the vllm-redrafter plugin active) or pass the settings there"
+        )
+    return ReDrafterSettings.from_dict(raw)
