@@ -15,7 +15,11 @@ if __name__ == "__main__":
     llm = LLM(model, dtype=dtype, enforce_eager=True, max_model_len=1024, max_num_seqs=4,
               seed=0)
     out = llm.chat([{"role": "user", "content": question}],
-                   SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
+                   SamplingParams(temperature=0.0, max_tokens=24, logprobs=3), use_tqdm=False)
     completion = out[0].outputs[0]
+    first = completion.logprobs[0] if completion.logprobs else {}
+    top = sorted(((lp.decoded_token, lp.logprob) for lp in first.values()),
+                 key=lambda item: -item[1])
     print("RESULT " + json.dumps({"text": completion.text,
-                                 "token_ids": list(completion.token_ids)}), flush=True)
+                                 "token_ids": list(completion.token_ids),
+                                 "first_token_top": top}), flush=True)

@@ -14,17 +14,13 @@ vLLM's spec-decode Prometheus counters and prints its "SpecDecoding metrics" log
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from tests.e2e import chain_helpers as h
+from vllm_redrafter.server import LocalServer, ServerError, post_json
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -40,19 +36,6 @@ SCHEMA = {
     "required": ["city", "country"],
     "additionalProperties": False,
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _post(url: str, payload: dict, timeout: float = 300) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
 
 
 def _stream(url: str, payload: dict, timeout: float = 300) -> list[dict]:
@@ -76,47 +59,28 @@ def drafter_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["speculative-model", "speculative-config"])
 def server(request, demo_target_dir, drafter_dir, tmp_path_factory):
-    port = _free_port()
     if request.param == "speculative-model":
         spec_args = ["--speculative-model", f"redrafter:{drafter_dir}"]
     else:
         spec_args = ["--speculative-config", json.dumps({
             "method": "redrafter", "model": str(drafter_dir),
             "beam_width": h.BEAM_WIDTH, "beam_length": h.BEAM_LENGTH})]
-    vllm_cli = Path(sys.executable).with_name("vllm")
-    command = [str(vllm_cli), "serve", str(demo_target_dir), *spec_args,
-               "--served-model-name", MODEL_NAME, "--port", str(port),
-               "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager",
-               "--max-model-len", "1024", "--max-num-seqs", "4",
-               "--structured-outputs-config",
-               '{"backend": "xgrammar", "disable_any_whitespace": true}']
+    args = [*spec_args, "--served-model-name", MODEL_NAME, "--dtype", "float32",
+            "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "4",
+            "--structured-outputs-config",
+            '{"backend": "xgrammar", "disable_any_whitespace": true}']
     log_path = tmp_path_factory.mktemp("serve-log") / f"{request.param}.log"
-    env = {**os.environ, "VLLM_LOG_STATS_INTERVAL": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
+    env = {"VLLM_LOG_STATS_INTERVAL": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited early:\n{log_path.read_text()[-5000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve did not start:\n{log_path.read_text()[-5000:]}")
-            time.sleep(2)
+        server = LocalServer(str(demo_target_dir), args, log_path, env=env,
+                             startup_timeout=STARTUP_TIMEOUT_S).__enter__()
+    except ServerError as exc:
+        pytest.fail(str(exc))
+    base = server.base
+    try:
         yield {"base": base, "log": log_path, "form": request.param}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 def _chat(content: str, **extra) -> dict:
@@ -127,7 +91,7 @@ def _chat(content: str, **extra) -> dict:
 def test_chat_completion_non_streaming_and_streaming(server):
     url = f"{server['base']}/v1/chat/completions"
     payload = _chat(h.mt_bench_turns(1)[0])
-    reply = _post(url, payload)
+    reply = post_json(url, payload)
     text = reply["choices"][0]["message"]["content"]
     assert text and reply["usage"]["completion_tokens"] == 24
     chunks = _stream(url, payload)
@@ -143,7 +107,7 @@ def test_structured_output_json_schema(server):
                     max_tokens=64,
                     response_format={"type": "json_schema", "json_schema": {
                         "name": "city", "schema": SCHEMA}})
-    reply = _post(url, payload)
+    reply = post_json(url, payload)
     data = json.loads(reply["choices"][0]["message"]["content"])
     assert set(data) == {"city", "country"}
     assert all(isinstance(v, str) for v in data.values())

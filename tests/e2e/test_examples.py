@@ -4,12 +4,8 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -58,31 +54,19 @@ def test_offline_inference_example(tiny_llama_dir, tmp_path):
     assert "mean acceptance length:" in proc.stdout, proc.stdout[-2000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_example_with_openai_client(demo_target_dir, tmp_path):
+    from vllm_redrafter.server import free_port, stop_process_group, wait_for_health
+
     drafter = _random_drafter(tmp_path / "drafter", 576, 49152,
                               draft_vocab=list(range(0, 49152, 16)))
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
         ["bash", str(EXAMPLES / "serve.sh"), "shorthand", str(demo_target_dir), str(drafter),
-         str(port)], stdout=log, stderr=subprocess.STDOUT, env=_env(),
+         str(port), "--dtype", "float32"], stdout=log, stderr=subprocess.STDOUT, env=_env(),
         start_new_session=True)
     try:
-        deadline = time.time() + 400
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert time.time() < deadline, "server did not start"
-                time.sleep(1)
+        wait_for_health(f"http://127.0.0.1:{port}", server, tmp_path / "serve.log", 400)
         client = subprocess.run(
             [sys.executable, str(EXAMPLES / "openai_client.py"), "--port", str(port)],
             capture_output=True, text=True, timeout=300, env=_env())
@@ -90,11 +74,7 @@ def test_serve_example_with_openai_client(demo_target_dir, tmp_path):
         assert "non-streaming:" in client.stdout and "Paris" in client.stdout, client.stdout
         assert client.stdout.count("Paris") >= 2  # streaming answer too
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_process_group(server)
         log.close()
 
 

@@ -14,13 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from vllm_redrafter.commands.bench import DEFAULT_DRAFTER, DEFAULT_MT_BENCH
@@ -43,67 +37,24 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"vllm serve did not become healthy within {timeout:.0f} s")
-
-
-def _chat(base: str, model: str, question: str) -> str:
-    body = {"model": model, "temperature": 0, "max_tokens": 160,
-            "messages": [{"role": "user", "content": question}]}
-    req = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as resp:
-        return json.loads(resp.read())["choices"][0]["message"]["content"]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def serve_and_chat(target: str, drafter: str | None, question: str, log_path: Path) -> str:
     """Start ``vllm serve`` (with ReDrafter when ``drafter``), chat once, always stop it."""
-    port = _free_port()
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", target, "--host", "127.0.0.1",
-           "--port", str(port), "--enforce-eager", "--max-model-len", "2048",
-           "--max-num-seqs", "4", "--served-model-name", "demo"]
+    from vllm_redrafter.server import LocalServer, post_json
+
+    # float32: the demo target is a dequantized Q4_1 model whose bf16 greedy answers hit
+    # near-ties (e.g. "The" vs "L" differ by 0.26 logits for the France question).
+    args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
+            "--max-num-seqs", "4", "--served-model-name", "demo"]
     if drafter:
-        cmd += ["--speculative-config", json.dumps({"method": "redrafter", "model": drafter})]
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    _say("starting: " + " ".join(cmd[1:]) + f"  (log: {log_path})")
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        try:
-            _wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=600)
-            _say(f"server up on 127.0.0.1:{port}; asking: {question}")
-            return _chat(f"http://127.0.0.1:{port}", "demo", question)
-        finally:
-            _stop(proc)
-            _say("server stopped")
+        args += ["--speculative-config", json.dumps({"method": "redrafter", "model": drafter})]
+    _say(f"starting: vllm serve {target} {' '.join(args)}  (log: {log_path})")
+    with LocalServer(target, args, log_path) as server:
+        _say(f"server up on 127.0.0.1:{server.port}; asking: {question}")
+        reply = post_json(f"{server.base}/v1/chat/completions", {
+            "model": "demo", "temperature": 0, "max_tokens": 160,
+            "messages": [{"role": "user", "content": question}]})
+    _say("server stopped")
+    return reply["choices"][0]["message"]["content"]
 
 
 def measure(target: str, drafter: str, num_prompts: int, max_tokens: int,
@@ -142,9 +93,11 @@ def run(args: argparse.Namespace) -> int:
              "speculation (train one with `vllm-redrafter train`)")
     out_dir = Path("bench-results") / "demo"
     out_dir.mkdir(parents=True, exist_ok=True)
+    from vllm_redrafter.server import ServerError
+
     try:
         answer = serve_and_chat(target, drafter, args.question, out_dir / "serve.log")
-    except (RuntimeError, OSError) as exc:
+    except (ServerError, OSError) as exc:
         _say(f"error: {exc}; see {out_dir / 'serve.log'}")
         return 1
     print(f"Q: {args.question}\nA: {answer}\n")

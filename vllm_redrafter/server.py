@@ -1,0 +1,120 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Run ``vllm serve`` on loopback and talk to it (stdlib only; used by the demo and tests).
+
+:class:`LocalServer` starts the server in its own process group on ``127.0.0.1`` with a
+free port, waits for ``/health``, and always stops the whole group on exit (also on
+Ctrl-C), so no engine process outlives the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+class ServerError(RuntimeError):
+    """The server exited early or did not become healthy in time."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post_json(url: str, payload: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def vllm_command() -> str:
+    """The ``vllm`` console script of the running interpreter's environment."""
+    return str(Path(sys.executable).with_name("vllm"))
+
+
+def wait_for_health(base: str, proc: subprocess.Popen, log_path: Path,
+                    timeout: float) -> None:
+    """Poll ``base/health`` until 200; raise :class:`ServerError` if ``proc`` exits first
+    or ``timeout`` seconds pass (the message carries the end of ``log_path``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerError(f"vllm serve exited with code {proc.returncode}:\n"
+                              f"{_tail(log_path)}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise ServerError(f"vllm serve did not become healthy within {timeout:.0f} s:\n"
+                      f"{_tail(log_path)}")
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 60) -> None:
+    """SIGTERM the process group led by ``proc`` (started with start_new_session=True);
+    SIGKILL it after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    try:
+        return Path(path).read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+class LocalServer:
+    """``with LocalServer(target, extra_args, log_path) as server: server.base ...``"""
+
+    def __init__(self, target: str, extra_args: list[str], log_path: Path,
+                 env: dict[str, str] | None = None, startup_timeout: float = 600) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        self.command = [vllm_command(), "serve", target, "--host", "127.0.0.1",
+                        "--port", str(self.port), *extra_args]
+        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE":
+                    os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), **(env or {})}
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> LocalServer:
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.env, start_new_session=True)
+        try:
+            wait_for_health(self.base, self.proc, self.log_path, self.startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return _tail(self.log_path, chars)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc)
