@@ -1,20 +1,23 @@
 # SPDX-License-Identifier: Apache-2.0
-"""ReDrafterProposer: the drafter inside vLLM's model runner (chain verification).
+"""ReDrafterProposer: the drafter inside vLLM's model runner (chain or tree verification).
 
 vLLM builds this class through its ``custom_class`` speculative method
 (``create_custom_proposer(vllm_config)``), once per TP rank of the last PP stage, and
 calls ``load_model(target_model)`` after loading the target. Every decode step, the
-``runner-propose-draft-hook`` (``vllm_redrafter.integration.hooks``) calls
-:meth:`ReDrafterProposer.propose_with_context` with the target's hidden states; the
-proposer
+``runner-propose-draft-hook`` hands the step to :mod:`vllm_redrafter.integration.runner`,
+which builds a vLLM-free :class:`~vllm_redrafter.steps.DraftStep` (each request's context
+row and init token: the chain row rule, or the last accepted tree node) and calls
+:meth:`ReDrafterProposer.propose_step`; the proposer
 
-1. picks each request's context row and init token (the Medusa row rule,
-   :func:`vllm_redrafter.scorers.chain.select_context_rows`),
-2. runs the drafter's beam search (``W`` beams of length ``L``,
-   :func:`vllm_redrafter.beam_search.beam_search`), and
-3. returns the best beam's ``L - 1`` drafted tokens per request, which vLLM's own
-   rejection sampler verifies as a linear chain with no draft probabilities (point-mass
-   acceptance: lossless for a deterministic proposal, greedy and random alike).
+1. runs the drafter's beam search (``W`` beams of length ``L``,
+   :func:`vllm_redrafter.beam_search.beam_search`) on those rows, and
+2. answers a :class:`~vllm_redrafter.steps.Proposal`: in **chain mode** the best beam's
+   ``L - 1`` tokens, which vLLM's own rejection sampler verifies with no draft
+   probabilities (point-mass acceptance: lossless for a deterministic proposal); in
+   **tree mode** (``tree: true``) the prefix-deduplicated tree of all ``W`` beams
+   (:func:`vllm_redrafter.tree.build_tree`), verified in one target pass by the tree
+   hooks (:mod:`vllm_redrafter.integration.tree_hooks`). Requests a tree cannot serve
+   (structured output, penalties, logprobs, ...) get the chain in either mode.
 
 Weights: the drafter's input embedding **is the target's** embedding module (shared by
 reference, TP-sharded as the target's); the RNN and ResBlocks are small replicated
@@ -38,9 +41,10 @@ from torch import nn
 from vllm_redrafter.beam_search import beam_search
 from vllm_redrafter.checkpoint import load_drafter
 from vllm_redrafter.drafter import RecurrentDrafter
-from vllm_redrafter.integration import compat, hooks, patches, spec_config
+from vllm_redrafter.integration import compat, hooks, patches, spec_config, tree_hooks
 from vllm_redrafter.logger import get_logger
-from vllm_redrafter.scorers.chain import best_beam_drafts, select_context_rows
+from vllm_redrafter.steps import DraftStep, Proposal, TreeDraft
+from vllm_redrafter.tree import build_tree
 
 logger = get_logger(__name__)
 
@@ -118,8 +122,32 @@ def _input_embedding(target_model: nn.Module) -> nn.Module:
     )
 
 
+def _check_tree_attention(target_model: nn.Module) -> None:
+    """Every attention layer of the target must run the tree backend and use only what
+    it implements; raise a clear error otherwise (before any request is served)."""
+    from vllm_redrafter.integration.tree_attention import (
+        TreeCPUAttentionImpl,
+        unsupported_features,
+    )
+
+    impls = [m.impl for m in target_model.modules() if hasattr(m, "impl") and hasattr(m, "kv_cache")]
+    if not impls:
+        raise spec_config.ReDrafterConfigError(
+            "ReDrafter tree=true found no attention layers in the target model")
+    for impl in impls:
+        if not isinstance(impl, TreeCPUAttentionImpl):
+            raise spec_config.ReDrafterConfigError(
+                f"ReDrafter tree=true needs the tree attention backend, but the target "
+                f"uses {type(impl).__name__}; use tree=false (chain mode)")
+        missing = unsupported_features(impl)
+        if missing:
+            raise spec_config.ReDrafterConfigError(
+                f"ReDrafter tree=true does not support {', '.join(missing)} in the "
+                "target's attention; use tree=false (chain mode)")
+
+
 class ReDrafterProposer:
-    """vLLM ``custom_class`` proposer running ReDrafter's beam search (chain mode).
+    """vLLM ``custom_class`` proposer running ReDrafter's beam search (chain or tree).
 
     Args:
         vllm_config: the engine's ``VllmConfig``; ReDrafter settings are read from
@@ -142,17 +170,23 @@ class ReDrafterProposer:
         self.vllm_config = vllm_config
         self.settings = spec_config.settings_from_vllm_config(vllm_config)
         self.options = self.settings.options
-        if self.options.tree:
-            raise spec_config.ReDrafterConfigError(
-                "ReDrafter tree=true is not available in this build (chain mode only)"
-            )
+        self.tree_mode = bool(self.options.tree)
+        """Verify the deduplicated tree of all beams (``tree: true``)."""
+        self.wants_history = False
+        """Whether :class:`~vllm_redrafter.steps.DraftRequest` should carry the
+        committed token ids (subclasses drafting from the context set it)."""
+        if self.tree_mode:
+            for name in tree_hooks.TREE_PATCHES:
+                patches.ensure_applied(name)
         self.num_speculative_tokens = int(
             vllm_config.speculative_config.num_speculative_tokens
         )
-        if self.num_speculative_tokens != self.options.num_draft_tokens:
+        if self.num_speculative_tokens != self.options.num_speculative_tokens:
+            mode = "tree" if self.tree_mode else "chain"
             raise spec_config.ReDrafterConfigError(
                 f"num_speculative_tokens={self.num_speculative_tokens} must equal "
-                f"beam_length - 1 = {self.options.num_draft_tokens} in chain mode"
+                f"{self.options.num_speculative_tokens} in {mode} mode (beam_width="
+                f"{self.options.beam_width}, beam_length={self.options.beam_length})"
             )
         self.max_num_reqs = int(vllm_config.scheduler_config.max_num_seqs)
         self.dtype = vllm_config.model_config.dtype
@@ -204,13 +238,15 @@ class ReDrafterProposer:
         self.drafter, self.embed, self.device = core, embed, device
         self._rows = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
         self._init = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
+        if self.tree_mode:
+            _check_tree_attention(target_model)
         self.dummy_run(min(WARMUP_REQUESTS, self.max_num_reqs))
         logger.info(
             "ReDrafter proposer ready: drafter %s (%s, %d parameters on this rank), "
-            "beam_width=%d, beam_length=%d, draft_top_k=%s, tp=%d",
+            "beam_width=%d, beam_length=%d, draft_top_k=%s, tp=%d, verification=%s",
             self.settings.drafter_dir, self.dtype, core.num_parameters(),
             self.options.beam_width, self.options.beam_length,
-            self.options.draft_top_k, head.tp_size)
+            self.options.draft_top_k, head.tp_size, "tree" if self.tree_mode else "chain")
 
     def dummy_run(self, num_reqs: int) -> None:
         """One beam search on zero hidden states for ``num_reqs`` requests."""
@@ -247,63 +283,56 @@ class ReDrafterProposer:
         dev[:n].copy_(cpu[:n], non_blocking=True)
         return dev[:n]
 
+    def _draft_beams(self, step: DraftStep, hidden: torch.Tensor) -> torch.Tensor:
+        """The beams of the step's requests: ``hidden [B, H]`` -> ``[B, W, L]`` (best
+        first, column 0 = init token). Tests override this with oracles."""
+        init = self._to_device(step.init_tokens, self._init_cpu, self._init)  # [B]
+        return self._beam_search(hidden, init)
+
     @torch.inference_mode()
-    def propose_with_context(
-        self,
-        *,
-        runner: Any,
-        scheduler_output: Any,
-        sampled_token_ids: list[list[int]],
-        sampling_metadata: Any,
-        hidden_states: torch.Tensor,
-        sample_hidden_states: torch.Tensor,
-        spec_decode_metadata: Any,
-        common_attn_metadata: Any,
-    ) -> list[list[int]]:
-        """Draft for every request that sampled a token this step.
+    def propose_step(self, step: DraftStep, sample_hidden_states: torch.Tensor) -> Proposal:
+        """Draft for every request of ``step``.
 
         Args:
-            sampled_token_ids: per request (``input_batch.req_ids`` order), the tokens
-                emitted this step; ``[]`` for partial prefills.
+            step: the requests that sampled a token this step (context rows and init
+                tokens, see :func:`vllm_redrafter.integration.runner.read_draft_step`).
             sample_hidden_states: ``[num_rows, H]`` post-norm target hidden states of
-                the sampled rows (``1 + num_draft_tokens[i]`` rows per request).
-            spec_decode_metadata: vLLM ``SpecDecodeMetadata`` of the verified drafts,
-                or None when no request had drafts.
-            runner, scheduler_output, sampling_metadata, hidden_states,
-            common_attn_metadata: unused in chain mode (kept for the hook contract).
+                this step's sampled rows.
 
         Returns:
-            Per request, at most ``num_speculative_tokens`` draft token ids.
+            A :class:`~vllm_redrafter.steps.Proposal`: in tree mode, the deduplicated
+            tree of the ``W`` beams for every request that a tree can serve; the best
+            beam's ``L - 1`` tokens (a chain) for the others.
         """
-        del runner, scheduler_output, sampling_metadata, hidden_states, common_attn_metadata
-        if not isinstance(sampled_token_ids, list):
-            raise TypeError(
-                "ReDrafter expects the CPU sampled-token lists of custom_class proposers, "
-                f"got {type(sampled_token_ids).__name__}"
-            )
-        num_drafts = (
-            None if spec_decode_metadata is None else spec_decode_metadata.num_draft_tokens
-        )
-        context = select_context_rows(sampled_token_ids, num_drafts)
-        if context.num_rows != sample_hidden_states.shape[0]:
-            raise RuntimeError(
-                f"ReDrafter row layout mismatch: {context.num_rows} rows expected, "
-                f"sample_hidden_states has {sample_hidden_states.shape[0]}"
-            )
-        num_reqs = len(sampled_token_ids)
-        if context.num_active == 0:
-            return [[] for _ in range(num_reqs)]
         start = time.perf_counter()
-        rows = self._to_device(context.rows, self._rows_cpu, self._rows)  # [B]
-        init = self._to_device(context.init_tokens, self._init_cpu, self._init)  # [B]
+        rows = self._to_device(step.rows, self._rows_cpu, self._rows)  # [B]
         hidden = sample_hidden_states.index_select(0, rows)  # [B, H]
-        tokens = self._beam_search(hidden, init)  # [B, W, L]
-        drafts = best_beam_drafts(
-            tokens.cpu(), context, num_reqs, self.num_speculative_tokens
-        )
+        beams = self._draft_beams(step, hidden).cpu()  # [B, W, L]
+        proposal = self._proposal(step, beams)
         self.draft_seconds += time.perf_counter() - start
-        self.num_proposals += context.num_active
-        return drafts
+        self.num_proposals += len(step.requests)
+        return proposal
+
+    def _proposal(self, step: DraftStep, beams: torch.Tensor) -> Proposal:
+        """Chains (best beam) and trees (all beams, deduplicated) from ``[B, W, L]``."""
+        proposal = Proposal()
+        cap = self.num_speculative_tokens
+        tree_rows = [i for i, req in enumerate(step.requests) if self.tree_mode and req.tree_ok]
+        for i, req in enumerate(step.requests):
+            proposal.drafts[req.req_id] = beams[i, 0, 1 : 1 + min(cap, beams.shape[2] - 1)].tolist()
+        if not tree_rows:
+            return proposal
+        packed = build_tree(beams[tree_rows])
+        num_nodes = packed.num_nodes.tolist()
+        tokens, parents, depths = (packed.packed_tokens.tolist(), packed.parents.tolist(),
+                                   packed.depth.tolist())
+        for k, i in enumerate(tree_rows):
+            n = min(num_nodes[k], 1 + cap)
+            tree = TreeDraft(tuple(tokens[k][:n]), tuple(parents[k][:n]), tuple(depths[k][:n]))
+            req_id = step.requests[i].req_id
+            proposal.trees[req_id] = tree
+            proposal.drafts[req_id] = tree.drafts
+        return proposal
 
     def propose(self, *args: Any, **kwargs: Any) -> list[list[int]]:
         """vLLM's plain ``custom_class`` entry point: unusable for ReDrafter.

@@ -54,8 +54,13 @@ class ChainContext:
 def select_context_rows(
     sampled_token_ids: Sequence[Sequence[int]],
     num_draft_tokens: Sequence[int] | None,
+    last_nodes: Sequence[int | None] | None = None,
 ) -> ChainContext:
     """Apply the Medusa row rule to one step's verification output.
+
+    A request verified as a **tree** does not follow it: its accepted path is not the
+    first rows, so its context row is the row of its last accepted node
+    (``offset_i + last_nodes[i]``; node ``j`` is row ``j`` of the request).
 
     Args:
         sampled_token_ids: per request, the tokens emitted this step (accepted drafts
@@ -63,6 +68,8 @@ def select_context_rows(
         num_draft_tokens: per request, the drafts verified this step
             (``SpecDecodeMetadata.num_draft_tokens``); None when no request had drafts
             (one row per request).
+        last_nodes: per request, the last accepted tree node, or None for requests
+            verified as a chain (None: all chains).
 
     Returns:
         :class:`ChainContext`.
@@ -72,7 +79,9 @@ def select_context_rows(
 
     Example: ``sampled = [[7, 8], [], [5]]`` with ``num_draft_tokens = [3, 0, 2]``: rows
     per request are ``4, 1, 3``, so request 0 uses row ``0 + 2 - 1 = 1`` (init 8),
-    request 1 gets no draft, request 2 uses row ``5 + 1 - 1 = 5`` (init 5).
+    request 1 gets no draft, request 2 uses row ``5 + 1 - 1 = 5`` (init 5). With
+    ``last_nodes = [3, None, None]`` request 0 (a tree whose path ended at node 3)
+    uses row ``0 + 3 = 3`` instead.
     """
     if num_draft_tokens is not None and len(num_draft_tokens) != len(sampled_token_ids):
         raise ValueError(
@@ -89,9 +98,12 @@ def select_context_rows(
             raise ValueError(
                 f"request {i} emitted {len(tokens)} tokens from {num_rows} rows"
             )
+        node = None if last_nodes is None or i >= len(last_nodes) else last_nodes[i]
+        if node is not None and not 0 <= node < num_rows:
+            raise ValueError(f"request {i}: tree node {node} outside its {num_rows} rows")
         if tokens:
             req_indices.append(i)
-            rows.append(offset + len(tokens) - 1)
+            rows.append(offset + (len(tokens) - 1 if node is None else node))
             init_tokens.append(int(tokens[-1]))
         offset += num_rows
     return ChainContext(req_indices, rows, init_tokens, offset)

@@ -167,6 +167,21 @@ class ReDrafterOptions(BaseModel):
         """Drafted tokens per beam, ``L - 1`` (the init token is not drafted)."""
         return self.beam_length - 1
 
+    @property
+    def max_tree_drafts(self) -> int:
+        """Most drafted tree nodes per request, ``W * (L - 1)`` (all beams disjoint
+        after the shared root; the root is the committed token, not a draft)."""
+        return self.beam_width * (self.beam_length - 1)
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        """Draft slots vLLM must schedule per request and step: ``L - 1`` in chain
+        mode, the largest tree's drafted node count ``W * (L - 1)`` in tree mode.
+
+        Example: ``W = 4, L = 5``: 4 in chain mode, 16 in tree mode (17 nodes with
+        the root)."""
+        return self.max_tree_drafts if self.tree else self.num_draft_tokens
+
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ReDrafterOptions:
         """Build options from a plain mapping (CLI flags, vLLM ``speculative_config``).

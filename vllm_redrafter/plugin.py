@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import re
 
 from vllm_redrafter import SUPPORTED_VLLM_RANGE, __version__
 from vllm_redrafter.logger import get_logger
+from vllm_redrafter.versioning import vllm_version_supported  # noqa: F401 (public here)
 
 logger = get_logger(__name__)
 
@@ -26,25 +26,6 @@ _FALSE_VALUES = {"0", "false", "no", "off"}
 
 _state: dict[str, str] = {}
 """Per-process outcome of :func:`register` (``{"status": ..., "detail": ...}``)."""
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    """``"0.32.0+cpu"`` → ``(0, 32, 0)``; ``"0.32.1rc1"`` → ``(0, 32, 1)``."""
-    parts: list[int] = []
-    for piece in version.split("+", 1)[0].split("."):
-        match = re.match(r"\d+", piece)
-        if match is None:
-            break
-        parts.append(int(match.group()))
-        if match.end() != len(piece):  # pre/post/dev suffix ends the release segment
-            break
-    return tuple(parts)
-
-
-def vllm_version_supported(version: str) -> bool:
-    """True if ``version`` lies in :data:`SUPPORTED_VLLM_RANGE` (lower inclusive)."""
-    low, high = (_version_tuple(v) for v in SUPPORTED_VLLM_RANGE)
-    return low <= _version_tuple(version) < high
 
 
 def status() -> dict[str, str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from vllm_redrafter import plugin
 from vllm_redrafter.integration import compat, hooks, patches
@@ -76,34 +77,44 @@ def test_version_guard(monkeypatch):
         compat.require_vllm_version("demo")
 
 
-def test_runner_hook_dispatches_to_propose_with_context():
+def test_runner_hook_dispatches_to_propose_step():
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_redrafter.steps import Proposal
 
     calls = {}
 
     class FakeDrafter:
-        def propose_with_context(self, **kwargs):
-            calls.update(kwargs)
-            return [[1, 2]]
+        tree_mode = False
+        wants_history = False
+
+        def propose_step(self, step, hidden):
+            calls.update(step=step, hidden=hidden)
+            return Proposal(drafts={"b": [1, 2]})
 
     runner = object.__new__(GPUModelRunner)  # no __init__: only the attributes used
     runner.drafter = FakeDrafter()
     runner.speculative_config = SimpleNamespace(method="custom_class")
+    runner.input_batch = SimpleNamespace(req_ids=["a", "b"])
+    runner.requests = {}
     runner._draft_probs = "stale"
-    args = ["sched", [[5]], "sampling", "hidden", "sample_hidden", None, "spec_meta",
+    hidden = torch.zeros(4, 3)
+    spec_meta = SimpleNamespace(num_draft_tokens=[2, 0])
+    args = ["sched", [[5, 6], [7]], "sampling", "hidden", hidden, None, spec_meta,
             "attn_meta"]
     out = runner.propose_draft_token_ids(*args, slot_mappings=None)
-    assert out == [[1, 2]]
+    assert out == [[], [1, 2]]
     assert runner._draft_probs is None and runner._draft_prob_req_ids is None
-    assert calls == dict(runner=runner, scheduler_output="sched", sampled_token_ids=[[5]],
-                         sampling_metadata="sampling", hidden_states="hidden",
-                         sample_hidden_states="sample_hidden",
-                         spec_decode_metadata="spec_meta", common_attn_metadata="attn_meta")
+    step = calls["step"]
+    # request a: rows 0..2, two tokens emitted -> row 1; request b: row 3.
+    assert [(r.req_id, r.row, r.init_token, r.tree_ok) for r in step.requests] == [
+        ("a", 1, 6, False), ("b", 3, 7, False)]
+    assert calls["hidden"] is hidden
 
 
 @pytest.mark.parametrize("method,drafter", [
     ("custom_class", SimpleNamespace()),  # a custom proposer without the hook
-    ("ngram", SimpleNamespace(propose_with_context=lambda **kw: [[9]])),
+    ("ngram", SimpleNamespace(propose_step=lambda step, hidden: None)),
 ])
 def test_runner_hook_leaves_other_proposers_alone(method, drafter):
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner

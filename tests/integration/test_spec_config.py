@@ -88,13 +88,23 @@ def test_consistent_num_speculative_tokens_is_accepted(drafter_dir):
     ({"beam_length": 17}, "beam_length must be an integer in [2, 16], got 17"),
     ({"draft_top_k": 0}, "draft_top_k"),
     ({"beam_length": 4, "num_speculative_tokens": 5},
-     "num_speculative_tokens=5 is inconsistent with ReDrafter beam_length=4"),
-    ({"tree": True}, "tree=true"),
+     "num_speculative_tokens=5 is inconsistent with ReDrafter beam_width=5, beam_length=4"),
+    ({"tree": True, "beam_width": 4, "beam_length": 5, "num_speculative_tokens": 4},
+     "in tree mode it must equal beam_width * (beam_length - 1) = 16"),
+    ({"tree": True, "beam_width": 16, "beam_length": 10},
+     "so that beam_width * (beam_length - 1) <= 128"),
 ])
 def test_invalid_settings_name_the_field(drafter_dir, extra, needle):
     with pytest.raises(ReDrafterConfigError) as info:
         _translate({"method": "redrafter", "model": str(drafter_dir), **extra})
     assert needle in str(info.value)
+
+
+def test_tree_mode_derives_the_largest_tree(drafter_dir):
+    vllm_spec, settings = _translate({"method": "redrafter", "model": str(drafter_dir),
+                                      "tree": True, "beam_width": 4, "beam_length": 5})
+    assert vllm_spec["num_speculative_tokens"] == 16 == settings.num_speculative_tokens
+    assert settings.options.tree is True
 
 
 def test_target_mismatches_are_rejected(drafter_dir):

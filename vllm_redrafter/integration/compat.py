@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from vllm_redrafter import SUPPORTED_VLLM_RANGE
-from vllm_redrafter.integration.patches import PatchError
+from vllm_redrafter.versioning import PatchError, vllm_version_supported
 
 PROPOSER_CLASS_PATH = "vllm_redrafter.proposers.redrafter.ReDrafterProposer"
 """What ``speculative_config.model`` holds once ``method="redrafter"`` is translated to
@@ -36,8 +36,6 @@ def vllm_version() -> str:
 
 def require_vllm_version(patch_name: str) -> None:
     """Raise :class:`PatchError` unless vLLM is inside :data:`SUPPORTED_VLLM_RANGE`."""
-    from vllm_redrafter.plugin import vllm_version_supported
-
     version = vllm_version()
     if not vllm_version_supported(version):
         low, high = SUPPORTED_VLLM_RANGE

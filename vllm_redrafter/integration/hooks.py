@@ -30,6 +30,7 @@ from typing import Any
 
 from vllm_redrafter import SUPPORTED_VLLM_RANGE, __version__
 from vllm_redrafter.integration import compat, spec_config
+from vllm_redrafter.integration import runner as runner_state
 from vllm_redrafter.integration.patches import Patch, PatchError, register_patch
 from vllm_redrafter.logger import get_logger
 
@@ -89,24 +90,21 @@ def _apply_runner_hook() -> None:
     @functools.wraps(original)
     def propose_draft_token_ids(self: Any, *args: Any, **kwargs: Any) -> Any:
         drafter = getattr(self, "drafter", None)
-        propose_with_context = getattr(drafter, "propose_with_context", None)
+        propose_step = getattr(drafter, "propose_step", None)
         spec = getattr(self, "speculative_config", None)
-        if propose_with_context is None or getattr(spec, "method", None) != "custom_class":
+        if propose_step is None or getattr(spec, "method", None) != "custom_class":
             return original(self, *args, **kwargs)
         arguments = signature.bind(self, *args, **kwargs).arguments
         # Point-mass acceptance: the beam is a deterministic proposal, so vLLM's
         # rejection sampler must get no draft probabilities (q(x) = 1).
         self._draft_probs = None
         self._draft_prob_req_ids = None
-        return propose_with_context(
-            runner=self,
-            scheduler_output=arguments["scheduler_output"],
+        return runner_state.propose_drafts(
+            self,
+            drafter,
             sampled_token_ids=arguments["sampled_token_ids"],
-            sampling_metadata=arguments["sampling_metadata"],
-            hidden_states=arguments["hidden_states"],
             sample_hidden_states=arguments["sample_hidden_states"],
             spec_decode_metadata=arguments["spec_decode_metadata"],
-            common_attn_metadata=arguments["common_attn_metadata"],
         )
 
     runner_cls.propose_draft_token_ids = _mark(propose_draft_token_ids, RUNNER_HOOK)
@@ -120,10 +118,11 @@ register_patch(
         "ReDrafter needs the target's post-norm hidden state of each request's last "
         "accepted token, which only exists inside this method's caller.",
         how="Wrapper bound with the original's signature: when the runner's drafter has "
-        "propose_with_context() and method is custom_class, it clears the draft "
-        "probabilities (point-mass acceptance) and calls propose_with_context with the "
-        "hidden states, spec-decode metadata and sampled tokens; otherwise it calls the "
-        "original unchanged. Applied lazily when ReDrafterProposer is built in a model "
+        "propose_step() and method is custom_class, it clears the draft probabilities "
+        "(point-mass acceptance) and hands the step to integration/runner.py, which "
+        "builds the vLLM-free DraftStep (context rows, init tokens, tree eligibility), "
+        "calls propose_step(step, sample_hidden_states) and registers the proposal's "
+        "trees; otherwise it calls the original unchanged. Applied lazily when ReDrafterProposer is built in a model "
         "runner, so front-end processes never import the runner module.",
         remove_when="custom_class proposers receive hidden states / spec-decode metadata "
         "upstream (e.g. a propose(..., target_hidden_states=...) extension), or vLLM "
@@ -213,11 +212,12 @@ def _apply_config_hook() -> None:
             self.speculative_config = vllm_spec
             logger.info(
                 "ReDrafter speculative decoding: drafter %s, beam_width=%d, "
-                "beam_length=%d, num_speculative_tokens=%d (chain verification)",
+                "beam_length=%d, num_speculative_tokens=%d (%s verification)",
                 settings.drafter_dir,
                 settings.options.beam_width,
                 settings.options.beam_length,
                 settings.num_speculative_tokens,
+                "tree" if settings.options.tree else "chain",
             )
         elif spec_config.is_custom_class_request(view):
             assert view is not None
@@ -442,3 +442,4 @@ register_patch(
 
 # A vLLM CPU-backend bug fix, registered in the same ledger (see its module docstring).
 from vllm_redrafter.integration import cpu_fixes  # noqa: E402,F401
+from vllm_redrafter.integration import tree_hooks  # noqa: E402,F401

@@ -13,12 +13,9 @@ import dataclasses
 from collections.abc import Callable
 
 from vllm_redrafter.logger import get_logger
+from vllm_redrafter.versioning import PatchError  # noqa: F401 (re-exported)
 
 logger = get_logger(__name__)
-
-
-class PatchError(RuntimeError):
-    """A patch target no longer looks like what the patch was written for."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,8 +67,9 @@ class ReDrafterSettings:
 
     @property
     def num_speculative_tokens(self) -> int:
-        """Tokens vLLM must schedule per request and step: ``L - 1`` in chain mode."""
-        return self.options.num_draft_tokens
+        """Tokens vLLM must schedule per request and step: ``L - 1`` in chain mode,
+        ``W * (L - 1)`` in tree mode (see ``ReDrafterOptions.num_speculative_tokens``)."""
+        return self.options.num_speculative_tokens
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form stored in ``additional_config["redrafter"]``."""
@@ -190,11 +191,18 @@ def check_against_target(
         )
 
 
-def _check_chain_mode(options: ReDrafterOptions) -> None:
-    if options.tree:
+MAX_SPEC_TOKENS = 128
+"""vLLM's rejection sampler asserts at most this many draft tokens per request
+(``rejection_sampler.MAX_SPEC_LEN``)."""
+
+
+def _check_tree_size(options: ReDrafterOptions) -> None:
+    if options.num_speculative_tokens > MAX_SPEC_TOKENS:
         raise ReDrafterConfigError(
-            "ReDrafter option tree=true (tree verification) is not available in this "
-            "build; use tree=false (the best beam is verified as a linear draft)"
+            f"ReDrafter tree mode with beam_width={options.beam_width} and beam_length="
+            f"{options.beam_length} can draft {options.num_speculative_tokens} tree nodes "
+            f"per step, more than vLLM's limit of {MAX_SPEC_TOKENS}; lower beam_width or "
+            "beam_length so that beam_width * (beam_length - 1) <= 128"
         )
 
 
@@ -205,12 +213,16 @@ def _check_num_tokens(value: Any, options: ReDrafterOptions, *, derived_from: st
         raise ReDrafterConfigError(
             f"num_speculative_tokens must be an integer, got {value!r}"
         )
-    if value != options.num_draft_tokens:
+    if value != options.num_speculative_tokens:
+        if options.tree:
+            rule = (f"in tree mode it must equal beam_width * (beam_length - 1) = "
+                    f"{options.num_speculative_tokens}")
+        else:
+            rule = f"in chain mode it must equal beam_length - 1 = {options.num_draft_tokens}"
         raise ReDrafterConfigError(
             f"num_speculative_tokens={value} is inconsistent with ReDrafter "
-            f"beam_length={options.beam_length} ({derived_from}): in chain mode it must "
-            f"equal beam_length - 1 = {options.num_draft_tokens}; omit "
-            "num_speculative_tokens to have it derived"
+            f"beam_width={options.beam_width}, beam_length={options.beam_length} "
+            f"({derived_from}): {rule}; omit num_speculative_tokens to have it derived"
         )
 
 
@@ -253,8 +265,12 @@ def translate_speculative_config(
 
     path, drafter, defaults = load_drafter_config(drafter_dir)
     merged = defaults.model_dump()
-    if "beam_length" not in user_options and isinstance(num_tokens, int) and not isinstance(
-        num_tokens, bool
+    tree_requested = bool(user_options.get("tree", merged.get("tree", False)))
+    if (
+        "beam_length" not in user_options
+        and not tree_requested
+        and isinstance(num_tokens, int)
+        and not isinstance(num_tokens, bool)
     ):
         merged["beam_length"] = num_tokens + 1
         source = "derived from num_speculative_tokens"
@@ -263,7 +279,7 @@ def translate_speculative_config(
     merged.update(user_options)
     options = _options(merged)
     _check_num_tokens(num_tokens, options, derived_from=source)
-    _check_chain_mode(options)
+    _check_tree_size(options)
     check_against_target(drafter, path, target_hidden_size, target_vocab_size)
 
     settings = ReDrafterSettings(drafter_dir=str(path), options=options)
@@ -299,7 +315,7 @@ def validate_custom_class_settings(
     settings = ReDrafterSettings.from_dict(raw)
     path, drafter, _ = load_drafter_config(settings.drafter_dir)
     _check_num_tokens(num_speculative_tokens, settings.options, derived_from="given")
-    _check_chain_mode(settings.options)
+    _check_tree_size(settings.options)
     check_against_target(drafter, path, target_hidden_size, target_vocab_size)
     return dataclasses.replace(settings, drafter_dir=str(path))
 

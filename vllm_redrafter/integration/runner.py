@@ -1,0 +1,404 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The one module that reads and writes vLLM model-runner state.
+
+Every ReDrafter hook goes through here; the rest of the project sees only the vLLM-free
+dataclasses of :mod:`vllm_redrafter.steps` and :mod:`vllm_redrafter.scorers.tree`.
+
+One engine step on a worker, in order (tree mode):
+
+1. ``_prepare_inputs`` (hook :func:`after_prepare_inputs`): the requests whose scheduled
+   drafts are the tree proposed for them last step (looked up **by request id** in the
+   tree registry, so batch reordering does not matter) become this step's
+   :class:`TreeVerifyStep`; their node rows get depth positions (``base + depth``).
+2. The target forward: the tree attention backend
+   (:mod:`vllm_redrafter.integration.tree_attention`) reads the step to give each node
+   the committed context plus its ancestors, and captures the nodes' K/V.
+3. ``_sample`` (hook :func:`sample_with_trees`): vLLM's sampler runs for every request;
+   then each tree request's row of ``sampled_token_ids`` is replaced by the tree
+   verdict (accepted path + one token), the accepted nodes' K/V are re-written into the
+   slots of the linear positions (KV fix-up), and the last accepted node is remembered.
+4. ``propose_draft_token_ids`` (hook in ``hooks.py``): :func:`read_draft_step` builds the
+   :class:`~vllm_redrafter.steps.DraftStep` (context row = last accepted node for tree
+   requests, the chain row rule otherwise), the proposer answers a
+   :class:`~vllm_redrafter.steps.Proposal`, and :func:`apply_proposal` registers its
+   trees and returns vLLM's draft lists.
+
+A registered tree is dropped when its request is next scheduled (verified or not) or
+finishes; a tree whose tokens do not match what vLLM scheduled (drafts replaced by
+placeholders, zeroed, truncated by a grammar) is never verified as a tree: vLLM's chain
+verification then applies, which is exact for any draft list.
+
+Diagnostics: ``VLLM_REDRAFTER_TREE_DISABLE=positions,mask,kv_fixup`` switches parts of
+tree verification off (the negative-control tests show each is needed for exact output;
+never set it in production).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm_redrafter.logger import get_logger
+from vllm_redrafter.scorers.chain import select_context_rows
+from vllm_redrafter.scorers.tree import TreeVerdict, tree_attention_mask, verify_tree
+from vllm_redrafter.steps import (
+    DraftRequest,
+    DraftStep,
+    Proposal,
+    SamplingView,
+    TreeDraft,
+    tree_fallback_reason,
+)
+
+logger = get_logger(__name__)
+
+DISABLE_ENV = "VLLM_REDRAFTER_TREE_DISABLE"
+TREE_PARTS = ("positions", "mask", "kv_fixup")
+
+
+def disabled_parts() -> frozenset[str]:
+    """Tree parts switched off by :data:`DISABLE_ENV` (diagnostics only).
+
+    Raises:
+        ValueError: on an unknown part name.
+    """
+    raw = os.environ.get(DISABLE_ENV, "")
+    parts = frozenset(p.strip() for p in raw.split(",") if p.strip())
+    unknown = sorted(parts - set(TREE_PARTS))
+    if unknown:
+        raise ValueError(f"{DISABLE_ENV}: unknown parts {unknown}; known: {list(TREE_PARTS)}")
+    return parts
+
+
+@dataclass(slots=True)
+class TreeRequestStep:
+    """One request verified as a tree in the current step.
+
+    Attributes:
+        req_id: request id.
+        batch_index: index in this step's batch.
+        tree: the tree as scheduled (truncated to the scheduled drafts).
+        root_row: global query row of the root (node ``j`` is row ``root_row + j``).
+        context_len: tokens every node sees before the tree (committed, root included).
+        logits_row: first row of this request in the step's logits / sampled rows.
+        mask: ``[n, n]`` bool ancestor-or-self mask of the drafted nodes.
+    """
+
+    req_id: str
+    batch_index: int
+    tree: TreeDraft
+    root_row: int
+    context_len: int
+    logits_row: int
+    mask: torch.Tensor
+
+    @property
+    def num_drafts(self) -> int:
+        """Drafted nodes ``n``."""
+        return self.tree.num_nodes - 1
+
+
+@dataclass(slots=True)
+class LayerCapture:
+    """K/V of the tree rows of one attention layer, kept for the KV fix-up."""
+
+    writer: Any  # callable(layer, key, value, kv_cache, slot_mapping): the backend's writer
+    layer: Any
+    kv_cache: torch.Tensor
+    key: torch.Tensor  # [R, Hkv, D] rows of TreeVerifyStep.tree_rows
+    value: torch.Tensor  # [R, Hkv, D]
+    slots: torch.Tensor  # [R] their KV slots
+
+
+@dataclass(slots=True)
+class TreeVerifyStep:
+    """Everything the attention backend and the sampler hook need about this step.
+
+    Attributes:
+        requests: the tree requests, in batch order.
+        tree_rows: ``[R]`` global query rows of every tree request's root and nodes,
+            request by request (``R = sum(n_i + 1)``).
+        disabled: parts switched off (diagnostics).
+        captures: per attention layer, the K/V of ``tree_rows`` (filled in forward).
+        attention_cache: scratch of the attention backend for this step (gather
+            indices shared by all layers).
+    """
+
+    requests: list[TreeRequestStep]
+    tree_rows: torch.Tensor
+    disabled: frozenset[str]
+    captures: list[LayerCapture] = field(default_factory=list)
+    attention_cache: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _WorkerState:
+    trees: dict[str, TreeDraft] = field(default_factory=dict)
+    current: TreeVerifyStep | None = None
+    last_nodes: dict[str, int] = field(default_factory=dict)
+    tree_steps: int = 0
+    tree_requests_verified: int = 0
+
+
+_STATE = _WorkerState()
+
+
+def current_tree_step() -> TreeVerifyStep | None:
+    """The tree verification in flight in this process (None outside one)."""
+    return _STATE.current
+
+
+def registered_trees() -> dict[str, TreeDraft]:
+    """Trees proposed and not yet verified, by request id (read-only use)."""
+    return dict(_STATE.trees)
+
+
+def reset() -> None:
+    """Forget every registered tree (tests, engine restarts in one process)."""
+    global _STATE
+    _STATE = _WorkerState()
+
+
+# ------------------------------------------------------------------ propose side
+
+
+def _sampling_params(runner: Any, req_id: str) -> Any:
+    state = runner.requests.get(req_id)
+    return None if state is None else state.sampling_params
+
+
+def read_draft_step(
+    runner: Any,
+    sampled_token_ids: list[list[int]],
+    spec_decode_metadata: Any,
+    *,
+    tree_mode: bool,
+    with_history: bool = False,
+) -> DraftStep:
+    """The :class:`DraftStep` of the step that just ran.
+
+    The context row of a request verified as a tree is its last accepted node's row;
+    every other request follows the chain row rule
+    (:func:`vllm_redrafter.scorers.chain.select_context_rows`).
+    """
+    req_ids = list(runner.input_batch.req_ids)
+    num_drafts = None if spec_decode_metadata is None else spec_decode_metadata.num_draft_tokens
+    last_nodes = [_STATE.last_nodes.get(req_id) for req_id in req_ids[: len(sampled_token_ids)]]
+    context = select_context_rows(sampled_token_ids, num_drafts, last_nodes=last_nodes)
+    requests = []
+    batch = runner.input_batch
+    for index, row, init in zip(context.req_indices, context.rows, context.init_tokens):
+        req_id = req_ids[index]
+        tree_ok = tree_mode and tree_fallback_reason(_sampling_params(runner, req_id)) is None
+        history = None
+        if with_history:
+            history = batch.token_ids_cpu[index, : int(batch.num_tokens_no_spec[index])]
+        requests.append(DraftRequest(req_id, index, row, init, tree_ok, history))
+    return DraftStep(len(sampled_token_ids), requests, context.num_rows)
+
+
+def propose_drafts(runner: Any, drafter: Any, *, sampled_token_ids: Any,
+                   sample_hidden_states: torch.Tensor, spec_decode_metadata: Any
+                   ) -> list[list[int]]:
+    """One drafting step: read the step, ask ``drafter.propose_step``, apply the answer.
+
+    ``drafter`` provides ``propose_step(step, sample_hidden_states) -> Proposal`` and the
+    attributes ``tree_mode`` and ``wants_history`` (bools).
+    """
+    if not isinstance(sampled_token_ids, list):
+        raise TypeError(
+            "ReDrafter expects the CPU sampled-token lists of custom_class proposers, "
+            f"got {type(sampled_token_ids).__name__}"
+        )
+    step = read_draft_step(runner, sampled_token_ids, spec_decode_metadata,
+                           tree_mode=bool(getattr(drafter, "tree_mode", False)),
+                           with_history=bool(getattr(drafter, "wants_history", False)))
+    if step.num_rows != sample_hidden_states.shape[0]:
+        raise RuntimeError(
+            f"ReDrafter row layout mismatch: {step.num_rows} rows expected, "
+            f"sample_hidden_states has {sample_hidden_states.shape[0]}"
+        )
+    if not step.requests:
+        return [[] for _ in range(step.num_reqs)]
+    return apply_proposal(runner, drafter.propose_step(step, sample_hidden_states))
+
+
+def apply_proposal(runner: Any, proposal: Proposal) -> list[list[int]]:
+    """Register the proposal's trees and return vLLM's per-request draft lists."""
+    for req_id, tree in proposal.trees.items():
+        _STATE.trees[req_id] = tree
+    return proposal.in_batch_order(list(runner.input_batch.req_ids))
+
+
+# ------------------------------------------------------------------ verify side
+
+
+def after_prepare_inputs(runner: Any, scheduler_output: Any, result: Any) -> None:
+    """Turn the scheduled drafts into this step's :class:`TreeVerifyStep` (or None) and
+    write the depth positions of its nodes into ``runner.positions``."""
+    _STATE.current = None
+    for req_id in getattr(scheduler_output, "finished_req_ids", ()) or ():
+        _STATE.trees.pop(req_id, None)
+    if not _STATE.trees:
+        return
+    spec_decode_metadata = result[1]
+    scheduled = scheduler_output.scheduled_spec_decode_tokens
+    batch = runner.input_batch
+    candidates = {
+        req_id: _STATE.trees.pop(req_id)
+        for req_id in list(scheduler_output.num_scheduled_tokens)
+        if req_id in _STATE.trees
+    }
+    if spec_decode_metadata is None or not candidates:
+        return
+    query_start = runner.query_start_loc.np
+    discard = runner.discard_request_mask.np
+    row_offsets = _logits_row_offsets(spec_decode_metadata.num_draft_tokens)
+    requests: list[TreeRequestStep] = []
+    for req_id, tree in candidates.items():
+        drafts = list(scheduled.get(req_id, ()))
+        index = batch.req_id_to_index[req_id]
+        n = len(drafts)
+        if n == 0 or drafts != tree.drafts[:n] or bool(discard[index]):
+            continue
+        sub = tree.truncated(n)
+        end = int(query_start[index + 1])
+        seq_len = int(batch.num_computed_tokens_cpu[index]) + end - int(query_start[index])
+        requests.append(TreeRequestStep(
+            req_id=req_id, batch_index=index, tree=sub, root_row=end - n - 1,
+            context_len=seq_len - n, logits_row=row_offsets[index],
+            mask=tree_attention_mask(sub)))
+    if not requests:
+        return
+    requests.sort(key=lambda r: r.batch_index)
+    rows = torch.cat([torch.arange(r.root_row, r.root_row + 1 + r.num_drafts)
+                      for r in requests])  # [R]
+    step = TreeVerifyStep(requests, rows, disabled_parts())
+    if "positions" not in step.disabled:
+        _write_depth_positions(runner.positions, requests)
+    _STATE.current = step
+
+
+def _logits_row_offsets(num_draft_tokens: list[int]) -> list[int]:
+    """First logits row of each request: rows are ``1 + drafts`` per request.
+    Example: ``[3, 0, 2]`` -> ``[0, 4, 5]``."""
+    offsets, total = [], 0
+    for n in num_draft_tokens:
+        offsets.append(total)
+        total += 1 + int(n)
+    return offsets
+
+
+def _write_depth_positions(positions: torch.Tensor, requests: list[TreeRequestStep]) -> None:
+    """Node ``j`` of a request gets RoPE position ``position(root) + depth(j)``; its KV
+    slot (computed by vLLM from the linear positions) stays its own."""
+    for req in requests:
+        base = positions[req.root_row]
+        depths = torch.tensor(req.tree.depths[1:], dtype=positions.dtype,
+                              device=positions.device)  # [n]
+        positions[req.root_row + 1 : req.root_row + 1 + req.num_drafts] = base + depths
+
+
+def sample_with_trees(runner: Any, original: Any, logits: Any,
+                      spec_decode_metadata: Any) -> Any:
+    """vLLM's ``_sample``, then tree acceptance and the KV fix-up for tree requests."""
+    _STATE.last_nodes.clear()
+    step = _STATE.current
+    if step is None or spec_decode_metadata is None or logits is None:
+        _STATE.current = None
+        return original(runner, logits, spec_decode_metadata)
+    try:
+        # vLLM may update logits in place: take the tree rows first.
+        tree_logits = [logits[r.logits_row : r.logits_row + 1 + r.num_drafts].float().clone()
+                       for r in step.requests]  # each [n + 1, V]
+        output = original(runner, logits, spec_decode_metadata)
+        verdicts = [_verify_one(runner, req, rows)
+                    for req, rows in zip(step.requests, tree_logits)]
+        verdicts = _agree_across_ranks(verdicts)
+        _write_sampled(output.sampled_token_ids, step.requests, verdicts)
+        if "kv_fixup" not in step.disabled:
+            _fix_up_kv(step, verdicts)
+        for req, verdict in zip(step.requests, verdicts):
+            _STATE.last_nodes[req.req_id] = verdict.last_node
+        _STATE.tree_steps += 1
+        _STATE.tree_requests_verified += len(step.requests)
+        return output
+    finally:
+        _STATE.current = None
+
+
+def _verify_one(runner: Any, req: TreeRequestStep, rows: torch.Tensor) -> TreeVerdict:
+    params = _sampling_params(runner, req.req_id)
+    sampling = SamplingView(
+        temperature=float(getattr(params, "temperature", 0.0) or 0.0),
+        top_k=getattr(params, "top_k", None),
+        top_p=getattr(params, "top_p", None),
+    )
+    generator = runner.input_batch.generators.get(req.batch_index)
+    return verify_tree(req.tree, rows, sampling, generator)
+
+
+def _agree_across_ranks(verdicts: list[TreeVerdict]) -> list[TreeVerdict]:
+    """Under TP every rank must move the same KV: take the output rank's verdicts
+    (random draws of unseeded requests may differ per rank)."""
+    from vllm.distributed import get_tensor_model_parallel_world_size
+
+    if get_tensor_model_parallel_world_size() == 1:
+        return verdicts
+    from vllm.distributed.parallel_state import get_tp_group
+
+    width = max(len(v.path) for v in verdicts)
+    packed = torch.full((len(verdicts), 2, width), -1, dtype=torch.int64)
+    for i, verdict in enumerate(verdicts):
+        packed[i, 0, : len(verdict.path)] = torch.tensor(verdict.path)
+        packed[i, 1, : len(verdict.emitted)] = torch.tensor(verdict.emitted)
+    group = get_tp_group()
+    packed = group.broadcast(packed.to(group.device), src=0).cpu()
+    agreed = []
+    for row in packed.tolist():
+        path = [x for x in row[0] if x >= 0]
+        agreed.append(TreeVerdict(path, row[1][: len(path)]))
+    return agreed
+
+
+def _write_sampled(sampled: torch.Tensor, requests: list[TreeRequestStep],
+                   verdicts: list[TreeVerdict]) -> None:
+    """Row ``i`` of vLLM's ``[B, max_spec_len + 1]`` output = emitted tokens, -1 padding."""
+    for req, verdict in zip(requests, verdicts):
+        row = torch.full((sampled.shape[1],), -1, dtype=sampled.dtype)
+        row[: len(verdict.emitted)] = torch.tensor(verdict.emitted, dtype=sampled.dtype)
+        sampled[req.batch_index] = row.to(sampled.device)
+
+
+def _fix_up_kv(step: TreeVerifyStep, verdicts: list[TreeVerdict]) -> None:
+    """Re-write each accepted node's K/V into the slot of its linear position, with the
+    backend's own cache writer (layout- and ISA-independent)."""
+    src: list[int] = []
+    dst: list[int] = []
+    offset = 0
+    for req, verdict in zip(step.requests, verdicts):
+        for node, depth in verdict.kv_moves():
+            src.append(offset + node)
+            dst.append(offset + depth)
+        offset += 1 + req.num_drafts
+    if not src or not step.captures:
+        return
+    src_t = torch.tensor(src, dtype=torch.int64)
+    dst_t = torch.tensor(dst, dtype=torch.int64)
+    for cap in step.captures:
+        device = cap.key.device
+        s, d = src_t.to(device), dst_t.to(device)
+        # Gather every source before any write (sources and destinations never alias
+        # within a request, but a destination can be another accepted node's source).
+        key, value, slots = cap.key[s].clone(), cap.value[s].clone(), cap.slots[d].clone()
+        cap.writer(cap.layer, key, value, cap.kv_cache, slots)
+
+
+def stats() -> dict[str, int]:
+    """Counters of this worker (tests and logs)."""
+    return {"tree_steps": _STATE.tree_steps,
+            "tree_requests_verified": _STATE.tree_requests_verified,
+            "registered_trees": len(_STATE.trees)}
