@@ -1,12 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Chain-mode ReDrafter vs plain vLLM on the demo target (SmolLM2-135M-Instruct, fp32).
+"""ReDrafter vs plain vLLM on the demo target (SmolLM2-135M-Instruct, fp32).
 
-10 MT-Bench first turns in the target's chat template, 64 greedy tokens each; the drafter
-has random weights (acceptance is near zero, which exercises the rejection path on every
-step). Two engines, one after the other.
+10 MT-Bench first turns in the target's chat template, 64 greedy tokens each. Chain mode
+with a random drafter (acceptance near zero: the rejection path runs every step), and
+tree mode (W=4, L=5) with the **shipped demo drafter** (real acceptance, off-beam-0
+paths, KV fix-ups). Three engines, one after the other.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,9 @@ from tests.e2e import chain_helpers as h
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DEMO_HIDDEN, DEMO_VOCAB = 576, 49152
+SHIPPED_DRAFTER = Path(__file__).resolve().parents[2] / "examples/drafters/smollm2-135m-instruct"
+TREE_TAU_FLOOR = 1.5
+"""Mean acceptance length floor of the shipped drafter in tree mode on these prompts."""
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +49,13 @@ def _greedy(demo_target_dir, prompts, spec=None):
         return ids, h.spec_metrics(llm)
 
 
-def test_demo_target_greedy_parity(demo_target_dir, chat_prompts, drafter_dir):
-    baseline, _ = _greedy(demo_target_dir, chat_prompts)
+@pytest.fixture(scope="module")
+def baseline(demo_target_dir, chat_prompts):
+    ids, _ = _greedy(demo_target_dir, chat_prompts)
+    return ids
+
+
+def test_demo_target_greedy_parity(demo_target_dir, chat_prompts, drafter_dir, baseline):
     spec = {"method": "redrafter", "model": str(drafter_dir), "beam_width": h.BEAM_WIDTH,
             "beam_length": h.BEAM_LENGTH}
     redrafter, metrics = _greedy(demo_target_dir, chat_prompts, spec)
@@ -53,3 +64,16 @@ def test_demo_target_greedy_parity(demo_target_dir, chat_prompts, drafter_dir):
     assert redrafter == baseline
     assert metrics["num_drafts"] > 0
     assert metrics["num_draft_tokens"] == metrics["num_drafts"] * (h.BEAM_LENGTH - 1)
+
+
+def test_demo_target_tree_parity_with_the_shipped_drafter(demo_target_dir, chat_prompts,
+                                                          baseline):
+    spec = {"method": "redrafter", "model": str(SHIPPED_DRAFTER), "beam_width": 4,
+            "beam_length": 5, "tree": True}
+    redrafter, metrics = _greedy(demo_target_dir, chat_prompts, spec)
+    assert redrafter == baseline
+    assert metrics["num_drafts"] > 0
+    # Trees, deduplicated: more than one beam's drafts, fewer than 4 disjoint beams'.
+    mean_tree = metrics["num_draft_tokens"] / metrics["num_drafts"]
+    assert 4 < mean_tree <= 16, metrics
+    assert metrics["mean_acceptance_length"] >= TREE_TAU_FLOOR, metrics

@@ -81,7 +81,8 @@ def test_summarize_ratios_identical_and_failures():
 STABLE_KEYS = {
     "config", "concurrency", "temperature", "status", "error", "num_prompts",
     "output_tokens", "wall_s", "output_tok_per_s", "speedup_vs_baseline",
-    "mean_acceptance_length", "acceptance_per_depth", "draft_acceptance_rate", "num_drafts",
+    "mean_acceptance_length", "acceptance_per_depth", "draft_acceptance_rate",
+    "mean_verified_tokens", "num_drafts",
     "num_draft_tokens", "num_accepted_tokens", "draft_time_share", "identical_to_baseline",
     "compared_to_baseline"}
 
@@ -99,3 +100,18 @@ def test_report_schema_and_files(tmp_path):
     md = paths["md"].read_text()
     assert "| redrafter | 1 | 0.0 | 20.0 | 2.00× | 2.50 |" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verified_tokens_and_tree_config_names():
+    from vllm_redrafter.bench.runner import config_specs, parse_redrafter_name
+
+    counters = rep.SpecCounters(num_drafts=4, num_draft_tokens=28, num_accepted_tokens=6,
+                                accepted_per_pos=[3, 2, 1] + [0] * 13)
+    assert counters.mean_verified_tokens == 8.0
+    assert rep._depths(counters.acceptance_per_depth) == [0.75, 0.5, 0.25, 0.0]
+    assert parse_redrafter_name("redrafter-tree@W2L4") == (True, 2, 4)
+    assert parse_redrafter_name("redrafter@W1L5") == (False, 1, 5)
+    assert parse_redrafter_name("redrafter-tree") is None
+    specs = config_specs("d", 4, 5, names=["redrafter@W1L5"])
+    assert specs["redrafter-tree"]["tree"] is True and specs["redrafter"]["tree"] is False
+    assert specs["redrafter@W1L5"]["beam_width"] == 1

@@ -22,6 +22,10 @@ REQUIRED_CORE_MODULES = [
     "vllm_redrafter.config",
     "vllm_redrafter.drafter",
     "vllm_redrafter.checkpoint",
+    "vllm_redrafter.steps",
+    "vllm_redrafter.versioning",
+    "vllm_redrafter.scorers.chain",
+    "vllm_redrafter.scorers.tree",
 ]
 # Core modules written by other parts of the project: checked when present.
 OPTIONAL_CORE_MODULES = [
@@ -91,3 +95,14 @@ def test_guarded_vllm_import_is_detected(tmp_path):
     result = _run(script, json.dumps(["probe_mod"]), json.dumps([]))
     assert result.returncode != 0
     assert "core modules tried to import vllm: ['vllm.config']" in result.stderr
+
+
+def test_integration_does_not_import_the_plugin_entry_point():
+    """plugin.py sits above integration/: version logic and PatchError live below both
+    (vllm_redrafter.versioning), so the patches never import the entry point."""
+    script = ("import sys; import vllm_redrafter.integration.hooks, "
+              "vllm_redrafter.integration.runner, vllm_redrafter.integration.compat; "
+              "print('vllm_redrafter.plugin' in sys.modules)")
+    result = _run(script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"

@@ -58,6 +58,14 @@ class SpecCounters:
         return 1.0 + self.num_accepted_tokens / self.num_drafts
 
     @property
+    def mean_verified_tokens(self) -> float | None:
+        """Tokens the target verified per drafted step, ``1 + draft_tokens / drafts``
+        (the root plus the drafted chain or tree nodes; ``L`` for a chain)."""
+        if self.num_drafts <= 0:
+            return None
+        return 1.0 + self.num_draft_tokens / self.num_drafts
+
+    @property
     def acceptance_per_depth(self) -> list[float] | None:
         if self.num_drafts <= 0:
             return None
@@ -158,6 +166,7 @@ def summarize(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
                                      if c.counters.acceptance_per_depth is not None
                                      else None),
             "draft_acceptance_rate": _round(c.counters.draft_acceptance_rate),
+            "mean_verified_tokens": _round(c.counters.mean_verified_tokens),
             "num_drafts": c.counters.num_drafts,
             "num_draft_tokens": c.counters.num_draft_tokens,
             "num_accepted_tokens": c.counters.num_accepted_tokens,
@@ -185,15 +194,25 @@ def _fmt(x: Any, spec: str = "") -> str:
     return format(x, spec)
 
 
+def _depths(values: list[float] | None, keep: int = 4) -> list[float] | None:
+    """Per-depth acceptance for display: tree mode reports one slot per possible node
+    (``W * (L - 1)``), only the first ``L - 1`` can be non-zero; show the first
+    ``keep`` and any later non-zero ones."""
+    if values is None:
+        return None
+    last = max([i for i, v in enumerate(values) if v] + [keep - 1])
+    return values[: min(len(values), last + 1)]
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """The results as a Markdown table (one row per cell)."""
-    head = ("| config | conc. | temp | tok/s | vs none | τ | accept/depth | draft time "
-            "| identical |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| config | conc. | temp | tok/s | vs none | τ | accept/depth | verified/step "
+            "| draft time | identical |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in report["results"]:
         if r["status"] != "ok":
             lines.append(f"| {r['config']} | {r['concurrency']} | {r['temperature']} | "
-                         f"failed: {str(r['error'])[:60]} | | | | | |")
+                         f"failed: {str(r['error'])[:60]} | | | | | | |")
             continue
         ident = (f"{r['identical_to_baseline']}/{r['compared_to_baseline']}"
                  if r["identical_to_baseline"] is not None else "–")
@@ -203,7 +222,8 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{_fmt(r['output_tok_per_s'], '.1f')} | "
             f"{_fmt(r['speedup_vs_baseline'], '.2f')}{'×' if r['speedup_vs_baseline'] else ''}"
             f" | {_fmt(r['mean_acceptance_length'], '.2f')} | "
-            f"{_fmt(r['acceptance_per_depth'])} | "
+            f"{_fmt(_depths(r['acceptance_per_depth']))} | "
+            f"{_fmt(r.get('mean_verified_tokens'), '.1f')} | "
             f"{'–' if share is None else f'{100 * share:.0f}%'} | {ident} |")
     return "\n".join(lines) + "\n"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -41,17 +42,43 @@ class BenchSettings:
 
 
 def config_specs(drafter: str | None, beam_width: int, beam_length: int,
-                 ngram_tokens: int = 4) -> dict[str, dict[str, Any] | None]:
-    """The speculative configs compared by ``bench``, keyed by name."""
+                 ngram_tokens: int = 4,
+                 names: list[str] | tuple[str, ...] = ()) -> dict[str, dict[str, Any] | None]:
+    """The speculative configs compared by ``bench``, keyed by name.
+
+    Always ``none``, ``ngram``, and (with a drafter) ``redrafter`` (chain) and
+    ``redrafter-tree`` at the given beam settings. Any name of ``names`` of the form
+    ``redrafter[-tree]@W<w>L<l>`` adds that configuration, e.g. ``redrafter@W1L5`` (chain,
+    one beam) or ``redrafter-tree@W2L4``.
+    """
     specs: dict[str, dict[str, Any] | None] = {
         "none": None,
         "ngram": {"method": "ngram", "num_speculative_tokens": ngram_tokens,
                   "prompt_lookup_max": 4, "prompt_lookup_min": 2},
     }
     if drafter:
-        specs["redrafter"] = {"method": "redrafter", "model": str(drafter),
-                              "beam_width": beam_width, "beam_length": beam_length}
+        specs["redrafter"] = _redrafter_spec(drafter, beam_width, beam_length, tree=False)
+        specs["redrafter-tree"] = _redrafter_spec(drafter, beam_width, beam_length, tree=True)
+        for name in names:
+            parsed = parse_redrafter_name(name)
+            if parsed is not None:
+                tree, width, length = parsed
+                specs[name] = _redrafter_spec(drafter, width, length, tree=tree)
     return specs
+
+
+def _redrafter_spec(drafter: str, width: int, length: int, tree: bool) -> dict[str, Any]:
+    return {"method": "redrafter", "model": str(drafter), "beam_width": width,
+            "beam_length": length, "tree": tree}
+
+
+def parse_redrafter_name(name: str) -> tuple[bool, int, int] | None:
+    """``"redrafter-tree@W4L5"`` -> ``(True, 4, 5)``; ``"redrafter@W1L5"`` ->
+    ``(False, 1, 5)``; None for any other name."""
+    match = re.fullmatch(r"redrafter(-tree)?@W(\d+)L(\d+)", name)
+    if match is None:
+        return None
+    return match.group(1) is not None, int(match.group(2)), int(match.group(3))
 
 
 def run_config(name: str, spec: dict[str, Any] | None, settings: BenchSettings,

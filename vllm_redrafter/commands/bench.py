@@ -44,8 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated concurrency levels (default 1,4,16)")
     parser.add_argument("--temperatures", type=_csv(float), default=[0.0, 0.7],
                         help="comma-separated temperatures (default 0,0.7)")
-    parser.add_argument("--configs", type=_csv(str), default=["none", "ngram", "redrafter"],
-                        help="configurations to run (default none,ngram,redrafter)")
+    parser.add_argument("--configs", type=_csv(str),
+                        default=["none", "ngram", "redrafter", "redrafter-tree"],
+                        help="configurations to run (default none,ngram,redrafter,"
+                             "redrafter-tree); redrafter = chain verification of the best "
+                             "beam, redrafter-tree = the deduplicated tree of all beams; "
+                             "redrafter[-tree]@W<w>L<l> sets the beams of one config")
     parser.add_argument("--beam-width", type=int, default=None,
                         help="ReDrafter beam width (default: the checkpoint's)")
     parser.add_argument("--beam-length", type=int, default=None,
@@ -97,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
               "pass --prompts", file=sys.stderr)
         return 2
     drafter = _resolve_drafter(args)
-    if "redrafter" in args.configs and drafter is None:
+    if any(c.startswith("redrafter") for c in args.configs) and drafter is None:
         print("vllm-redrafter bench: error: no drafter: pass --drafter DIR (or drop "
               "redrafter from --configs)", file=sys.stderr)
         return 2
@@ -109,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                              concurrency=args.concurrency, temperatures=args.temperatures,
                              dtype=args.dtype, max_model_len=args.max_model_len,
                              seed=args.seed, timeout_s=args.timeout)
-    specs = config_specs(drafter, width, length)
+    specs = config_specs(drafter, width, length, names=args.configs)
     unknown = [c for c in args.configs if c not in specs]
     if unknown:
         print(f"vllm-redrafter bench: error: unknown configs {unknown}; choose from "
