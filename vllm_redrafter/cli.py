@@ -26,6 +26,8 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
      "train a drafter by knowledge distillation from the target"),
     ("bench", "vllm_redrafter.commands.bench",
      "side-by-side speed benchmark: no speculation, n-gram, ReDrafter"),
+    ("evaluate", "vllm_redrafter.commands.evaluate",
+     "offline tau (chain and tree) of a drafter on the target's own greedy responses"),
     ("verify-cost", "vllm_redrafter.commands.verify_cost",
      "seconds per verification step by verified tokens, tree vs chain (demo target)"),
     ("demo", "vllm_redrafter.commands.demo",

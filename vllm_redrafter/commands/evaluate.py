@@ -1,0 +1,114 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``vllm-redrafter evaluate``: offline tau of a drafter on the target's own responses.
+
+Replays each response the way decoding walks it (:mod:`vllm_redrafter.evaluate`) and
+reports tau and acceptance per depth for chain (beam 0) and tree (any beam)
+verification, per prompt category when ``--questions`` maps ids to categories (MT-Bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import sys
+import time
+from pathlib import Path
+
+from vllm_redrafter.commands.bench import DEFAULT_DRAFTER, DEFAULT_MT_BENCH
+
+DEFAULT_DATA = Path("../shared/data/distill/mtbench-greedy.jsonl.xz")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=None, help="target dir (default: demo target)")
+    parser.add_argument("--drafter", default=str(DEFAULT_DRAFTER))
+    parser.add_argument("--data", default=str(DEFAULT_DATA),
+                        help="generations.jsonl(.xz) of the target's greedy responses "
+                             "({id, prompt_len, token_ids})")
+    parser.add_argument("--questions", default=str(DEFAULT_MT_BENCH),
+                        help="JSONL with question_id/category for per-category rows "
+                             "(ignored if absent)")
+    parser.add_argument("--beam-width", type=int, default=4)
+    parser.add_argument("--beam-length", type=int, default=5)
+    parser.add_argument("--draft-top-k", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="only the first N response tokens of each record")
+    parser.add_argument("--limit", type=int, default=None, help="first N records only")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--out", default=None, help="write the report JSON here")
+
+
+def _records(path: Path) -> list[dict]:
+    opener = lzma.open if path.suffix == ".xz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _categories(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {str(r.get("question_id")): r.get("category", "?") for r in rows}
+
+
+def _row(name: str, chain, tree) -> dict:
+    return {"group": name, "steps_chain": chain.steps, "steps_tree": tree.steps,
+            "tau_chain": round(chain.tau or 0.0, 3), "tau_tree": round(tree.tau or 0.0, 3),
+            "accept_chain": [round(x, 3) for x in chain.acceptance_per_depth],
+            "accept_tree": [round(x, 3) for x in tree.acceptance_per_depth]}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_redrafter.checkpoint import load_drafter
+    from vllm_redrafter.evaluate import WalkStats, evaluate_response
+
+    data = Path(args.data)
+    if not data.is_file():
+        print(f"vllm-redrafter evaluate: error: {data} not found; pass --data",
+              file=sys.stderr)
+        return 2
+    target_dir = args.target
+    if target_dir is None:
+        from vllm_redrafter.demo_target import prepare_demo_target
+
+        target_dir = str(prepare_demo_target())
+    dtype = getattr(torch, args.dtype)
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).eval()
+    drafter = load_drafter(args.drafter, dtype=dtype).eval()
+    categories = _categories(Path(args.questions))
+    records = _records(data)[: args.limit]
+    totals: dict[str, tuple[WalkStats, WalkStats]] = {}
+    start = time.perf_counter()
+    for record in records:
+        ids = record["token_ids"]
+        prompt_len = int(record["prompt_len"])
+        if args.max_tokens is not None:
+            ids = ids[: prompt_len + args.max_tokens]
+        chain, tree = evaluate_response(target, drafter, ids, prompt_len, args.beam_width,
+                                        args.beam_length, draft_top_k=args.draft_top_k)
+        for group in ("all", categories.get(str(record.get("id")), None)):
+            if group is None:
+                continue
+            acc = totals.setdefault(group, (WalkStats(), WalkStats()))
+            acc[0].merge(chain)
+            acc[1].merge(tree)
+    rows = [_row(name, *stats) for name, stats in sorted(
+        totals.items(), key=lambda kv: (kv[0] != "all", kv[0]))]
+    print(f"| group | steps | chain τ | tree τ | chain accept/depth | tree accept/depth |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['group']} | {r['steps_chain']} | {r['tau_chain']:.2f} | "
+              f"{r['tau_tree']:.2f} | {'/'.join(f'{x:.2f}' for x in r['accept_chain'])} | "
+              f"{'/'.join(f'{x:.2f}' for x in r['accept_tree'])} |")
+    print(f"[evaluate] {len(records)} responses, W={args.beam_width}, L={args.beam_length}, "
+          f"{args.dtype}, {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    if args.out:
+        Path(args.out).write_text(json.dumps(
+            {"data": str(data), "drafter": args.drafter, "beam_width": args.beam_width,
+             "beam_length": args.beam_length, "max_tokens": args.max_tokens,
+             "dtype": args.dtype, "rows": rows}, indent=1))
+    return 0

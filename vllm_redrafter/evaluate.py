@@ -1,0 +1,157 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Offline acceptance: replay the target's greedy responses the way decoding walks them.
+
+For one response ``x`` (prompt of length ``P``, then the target's greedy tokens), decoding
+with speculation proceeds like the engine does:
+
+- after the prefill the target emitted ``x[P]``; the drafter reads the target's hidden
+  state ``h[P-1]`` (the row that produced ``x[P]``) with init token ``x[P]``;
+- at a step with context row ``p`` the drafter's ``W`` beams draft ``L - 1`` tokens after
+  ``x[p+1]``; a beam's accepted length ``k`` is its longest prefix equal to
+  ``x[p+2 : p+L+1]`` (greedy acceptance: the response *is* the target's argmax);
+  **chain** verification uses beam 0, **tree** verification the longest over beams (the
+  deduplicated tree's greedy walk finds exactly that path);
+- the step emits ``k + 1`` tokens and the next context row is ``p + k + 1``.
+
+``tau = emitted / steps`` (the engine's mean acceptance length, ``1 + accepted / drafts``);
+acceptance at depth ``d`` is the share of steps that accepted ``>= d`` drafts.
+
+Beams for every position of a response are drafted in one batched beam search (the walk
+only reads them), so the cost is one target forward plus ``L - 1`` drafter steps per
+response. Pure torch + transformers; no vLLM.
+
+Glossary: ``S`` response positions drafted from, ``W`` beams, ``L`` beam length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_redrafter.beam_search import beam_search
+
+
+@dataclass
+class WalkStats:
+    """Accumulated walk counters of one verification mode.
+
+    Attributes:
+        steps: drafted (verification) steps.
+        accepted: drafted tokens accepted.
+        per_depth: ``per_depth[d - 1]`` = steps that accepted ``>= d`` drafts.
+    """
+
+    steps: int = 0
+    accepted: int = 0
+    per_depth: list[int] = field(default_factory=list)
+
+    def add(self, k: int, depth: int) -> None:
+        """Record one step that accepted ``k`` of ``depth`` drafted tokens."""
+        if len(self.per_depth) < depth:
+            self.per_depth += [0] * (depth - len(self.per_depth))
+        self.steps += 1
+        self.accepted += k
+        for d in range(k):
+            self.per_depth[d] += 1
+
+    def merge(self, other: WalkStats) -> None:
+        """Add ``other``'s counters to these."""
+        for d, count in enumerate(other.per_depth):
+            if d >= len(self.per_depth):
+                self.per_depth.append(0)
+            self.per_depth[d] += count
+        self.steps += other.steps
+        self.accepted += other.accepted
+
+    @property
+    def tau(self) -> float | None:
+        """Mean tokens per step, ``1 + accepted / steps``."""
+        return None if self.steps == 0 else 1.0 + self.accepted / self.steps
+
+    @property
+    def acceptance_per_depth(self) -> list[float]:
+        """Share of steps accepting at least ``d`` drafts, ``d = 1 .. L - 1``."""
+        return [c / self.steps for c in self.per_depth] if self.steps else []
+
+
+def match_lengths(beams: torch.Tensor, sequence: torch.Tensor, start: int) -> torch.Tensor:
+    """Accepted length of every beam at every drafted position.
+
+    Args:
+        beams: ``[S, W, L]`` beams drafted from context rows ``start .. start + S - 1``
+            (column 0 = the init token ``sequence[p + 1]``).
+        sequence: ``[T]`` prompt + response token ids.
+        start: context row of the first beam set.
+
+    Returns:
+        ``[S, W]`` int64: leading matches of ``beams[s, w, 1:]`` with
+        ``sequence[p + 2 : p + L + 1]`` (``p = start + s``); the sequence's end stops
+        matching. Example: sequence ``[5, 6, 7, 8]``, ``start = 0``, beams
+        ``[[[6, 7, 9]]]`` -> ``[[1]]``.
+    """
+    num, _, length = beams.shape
+    padded = torch.cat([sequence, sequence.new_full((length + 1,), -1)])  # [T + L + 1]
+    rows = start + 2 + torch.arange(num)[:, None] + torch.arange(length - 1)[None]  # [S, L-1]
+    wanted = padded[rows]  # [S, L-1]
+    ok = beams[:, :, 1:] == wanted[:, None, :]  # [S, W, L-1]
+    return ok.to(torch.int64).cumprod(dim=2).sum(dim=2)  # [S, W]
+
+
+def walk(lengths: Sequence[int], start: int, end: int, depth: int) -> WalkStats:
+    """Walk the per-position accepted lengths like decoding does.
+
+    Args:
+        lengths: accepted length when drafting from context row ``start + i``.
+        start: first context row (``P - 1``).
+        end: last context row that still has a token to emit after it (``T - 2``).
+        depth: drafted tokens per beam (``L - 1``).
+
+    Example: ``lengths = [2, 0, 0, 1, 0]``, ``start = 0``, ``end = 4``: rows 0 (k=2),
+    3 (k=1), then row 5 is past the end: 2 steps, 3 accepted, tau 2.5.
+    """
+    stats = WalkStats()
+    p = start
+    while p <= end:
+        k = int(lengths[p - start])
+        stats.add(k, depth)
+        p += k + 1
+    return stats
+
+
+@torch.inference_mode()
+def evaluate_response(
+    target: torch.nn.Module,
+    drafter: torch.nn.Module,
+    token_ids: Sequence[int],
+    prompt_len: int,
+    beam_width: int,
+    beam_length: int,
+    *,
+    draft_top_k: int | None = None,
+) -> tuple[WalkStats, WalkStats]:
+    """(chain stats, tree stats) of one response (see the module docstring).
+
+    Args:
+        target: a transformers causal LM (``.model`` returns post-norm hidden states,
+            ``.get_input_embeddings()`` the table the drafter reads).
+        drafter: a :class:`~vllm_redrafter.drafter.RecurrentDrafter` in the same dtype.
+        token_ids: prompt + response.
+        prompt_len: ``P``.
+    """
+    sequence = torch.tensor(list(token_ids), dtype=torch.int64)  # [T]
+    total = sequence.numel()
+    start, end = prompt_len - 1, total - 2
+    if end < start:
+        return WalkStats(), WalkStats()
+    hidden = target.model(input_ids=sequence[None]).last_hidden_state[0]  # [T, H]
+    rows = torch.arange(start, end + 1)  # [S]
+    beams = beam_search(drafter, target.get_input_embeddings(), hidden[rows],
+                        sequence[rows + 1], beam_width, beam_length,
+                        draft_top_k=draft_top_k).tokens  # [S, W, L]
+    lengths = match_lengths(beams, sequence, start)  # [S, W]
+    depth = beam_length - 1
+    chain = walk(lengths[:, 0].tolist(), start, end, depth)
+    tree = walk(lengths.max(dim=1).values.tolist(), start, end, depth)
+    return chain, tree
