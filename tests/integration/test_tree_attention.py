@@ -65,8 +65,8 @@ def test_gather_reads_back_what_the_writer_wrote(dtype, block, isa):
     positions = torch.arange(length)
     slots = table[positions // block] * block + positions % block
     write(key, value, cache, slots)
-    got_k, got_v = gather_context(cache, table[None], k_map, v_map, length)
-    assert torch.equal(got_k[0], key) and torch.equal(got_v[0], value)
+    got_k, got_v = gather_context(cache, table, k_map, v_map, length)
+    assert torch.equal(got_k, key) and torch.equal(got_v, value)
 
 
 def _dense_reference(q, k, v, visible, scale):
@@ -113,3 +113,32 @@ def test_tree_fallback_reason_on_real_sampling_params():
     assert tree_fallback_reason(SamplingParams(logprobs=2)) == "logprobs"
     assert tree_fallback_reason(SamplingParams(presence_penalty=0.5)) == "presence penalty"
     assert tree_fallback_reason(SamplingParams(min_tokens=4, max_tokens=8)) == "min_tokens"
+
+
+@pytest.mark.parametrize("dtype,block,isa", _configs())
+def test_move_tree_kv_copies_slots_through_the_layout(dtype, block, isa):
+    from vllm_redrafter.integration.runner import TreeVerifyStep
+    from vllm_redrafter.integration.tree_attention import move_tree_kv
+
+    torch.manual_seed(2)
+    write = _writer(isa)
+    k_map, v_map = probe_cache_layout(write, HKV, block, D, dtype)
+    caches = [torch.zeros(3, HKV, block, 2 * D, dtype=dtype) for _ in range(2)]
+    slots = torch.tensor([block + 3, block + 4, block + 5, 2 * block, 2 * block + 1])
+    key = torch.randn(5, HKV, D).to(dtype)
+    value = torch.randn(5, HKV, D).to(dtype)
+    for cache in caches:
+        write(key, value, cache, slots)
+    step = TreeVerifyStep(requests=[], tree_rows=torch.arange(5), disabled=frozenset(),
+                          kv_caches=caches)
+    step.attention_cache["plan"] = {"slots": slots, "k_map": k_map, "v_map": v_map,
+                                    "block_elems": caches[0][0].numel()}
+    # path [0, 3, 4]: rows 3, 4 move into the slots of rows 1, 2
+    move_tree_kv(step, torch.tensor([3, 4]), torch.tensor([1, 2]))
+    for cache in caches:
+        table = torch.tensor([0, 1, 2])
+        got_k, got_v = gather_context(cache, table, k_map, v_map, 2 * block + 2)
+        assert torch.equal(got_k[block + 4], key[3]) and torch.equal(got_k[block + 5], key[4])
+        assert torch.equal(got_v[block + 4], value[3]) and torch.equal(got_v[block + 5], value[4])
+        assert torch.equal(got_k[block + 3], key[0])  # the root stays
+        assert torch.equal(got_k[2 * block], key[3])  # sources are not cleared

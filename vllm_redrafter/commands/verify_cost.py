@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # CPU vLLM needs a KV budget
     from vllm import LLM
 
     from vllm_redrafter.bench.verify_cost import BRANCHES, CLASS_PATH, measure

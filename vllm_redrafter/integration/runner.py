@@ -12,10 +12,10 @@ One engine step on a worker, in order (tree mode):
    :class:`TreeVerifyStep`; their node rows get depth positions (``base + depth``).
 2. The target forward: the tree attention backend
    (:mod:`vllm_redrafter.integration.tree_attention`) reads the step to give each node
-   the committed context plus its ancestors, and captures the nodes' K/V.
+   the committed context plus its ancestors, and records the layers' caches.
 3. ``_sample`` (hook :func:`sample_with_trees`): vLLM's sampler runs for every request;
    then each tree request's row of ``sampled_token_ids`` is replaced by the tree
-   verdict (accepted path + one token), the accepted nodes' K/V are re-written into the
+   verdict (accepted path + one token), the accepted nodes' K/V are copied into the
    slots of the linear positions (KV fix-up), and the last accepted node is remembered.
 4. ``propose_draft_token_ids`` (hook in ``hooks.py``): :func:`read_draft_step` builds the
    :class:`~vllm_redrafter.steps.DraftStep` (context row = last accepted node for tree
@@ -102,18 +102,6 @@ class TreeRequestStep:
 
 
 @dataclass(slots=True)
-class LayerCapture:
-    """K/V of the tree rows of one attention layer, kept for the KV fix-up."""
-
-    writer: Any  # callable(layer, key, value, kv_cache, slot_mapping): the backend's writer
-    layer: Any
-    kv_cache: torch.Tensor
-    key: torch.Tensor  # [R, Hkv, D] rows of TreeVerifyStep.tree_rows
-    value: torch.Tensor  # [R, Hkv, D]
-    slots: torch.Tensor  # [R] their KV slots
-
-
-@dataclass(slots=True)
 class TreeVerifyStep:
     """Everything the attention backend and the sampler hook need about this step.
 
@@ -122,16 +110,20 @@ class TreeVerifyStep:
         tree_rows: ``[R]`` global query rows of every tree request's root and nodes,
             request by request (``R = sum(n_i + 1)``).
         disabled: parts switched off (diagnostics).
-        captures: per attention layer, the K/V of ``tree_rows`` (filled in forward).
+        kv_caches: every attention layer's paged cache seen in this step's forward.
         attention_cache: scratch of the attention backend for this step (gather
-            indices shared by all layers).
+            indices shared by all layers, the tree rows' KV slots, ...).
+        kv_mover: set by the attention backend: ``kv_mover(step, src_rows, dst_rows)``
+            copies the K/V of tree rows ``src_rows`` into the slots of ``dst_rows``
+            (indices into ``tree_rows``) in every layer.
     """
 
     requests: list[TreeRequestStep]
     tree_rows: torch.Tensor
     disabled: frozenset[str]
-    captures: list[LayerCapture] = field(default_factory=list)
+    kv_caches: list[torch.Tensor] = field(default_factory=list)
     attention_cache: dict[str, Any] = field(default_factory=dict)
+    kv_mover: Any = None
 
 
 @dataclass
@@ -374,8 +366,8 @@ def _write_sampled(sampled: torch.Tensor, requests: list[TreeRequestStep],
 
 
 def _fix_up_kv(step: TreeVerifyStep, verdicts: list[TreeVerdict]) -> None:
-    """Re-write each accepted node's K/V into the slot of its linear position, with the
-    backend's own cache writer (layout- and ISA-independent)."""
+    """Copy each accepted node's K/V into the slot of its linear position (the node at
+    depth ``d`` of the path goes to row ``d``'s slot), in every layer."""
     src: list[int] = []
     dst: list[int] = []
     offset = 0
@@ -384,17 +376,13 @@ def _fix_up_kv(step: TreeVerifyStep, verdicts: list[TreeVerdict]) -> None:
             src.append(offset + node)
             dst.append(offset + depth)
         offset += 1 + req.num_drafts
-    if not src or not step.captures:
+    if not src:
         return
-    src_t = torch.tensor(src, dtype=torch.int64)
-    dst_t = torch.tensor(dst, dtype=torch.int64)
-    for cap in step.captures:
-        device = cap.key.device
-        s, d = src_t.to(device), dst_t.to(device)
-        # Gather every source before any write (sources and destinations never alias
-        # within a request, but a destination can be another accepted node's source).
-        key, value, slots = cap.key[s].clone(), cap.value[s].clone(), cap.slots[d].clone()
-        cap.writer(cap.layer, key, value, cap.kv_cache, slots)
+    if step.kv_mover is None:
+        raise RuntimeError("ReDrafter tree step without a KV mover: the tree attention "
+                           "backend did not run in this forward")
+    step.kv_mover(step, torch.tensor(src, dtype=torch.int64),
+                  torch.tensor(dst, dtype=torch.int64))
 
 
 def stats() -> dict[str, int]:

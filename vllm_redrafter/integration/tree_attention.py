@@ -15,13 +15,14 @@ implementation
    a probe writes known values into a scratch block and records where each
    ``(head, token, dim)`` lands), the nodes' own K/V come from the forward's ``key`` /
    ``value``; one batched SDPA with a boolean mask covers every tree request;
-3. keeps the nodes' K/V of every layer for the KV fix-up
-   (:func:`vllm_redrafter.integration.runner.sample_with_trees`), which re-issues the
-   backend's own writer for the accepted nodes.
+3. records every layer's cache for the KV fix-up (:func:`move_tree_kv`, called by
+   :func:`vllm_redrafter.integration.runner.sample_with_trees`), which copies the
+   accepted nodes' K/V between slots through the same learnt layout map (so it is as
+   layout- and ISA-independent as the backend's own writer).
 
 Memory: nothing persistent beyond the layout map (two ``[Hkv, block, D]`` index
-tensors); per step, the tree requests' context K/V of one layer at a time and the
-nodes' K/V of every layer (``R x layers x 2 x Hkv x D``). Supported: standard decoder
+tensors); per step, the gather indices of the tree requests' context (``B x Cmax x
+Hkv x D`` int64, shared by all layers) and that context's K/V for one layer at a time. Supported: standard decoder
 attention (no ALiBi, sliding window, soft-cap or sinks; KV cache dtype ``auto``); the
 proposer checks this at load time.
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from vllm_redrafter.integration import runner as runner_state
-from vllm_redrafter.integration.runner import LayerCapture, TreeVerifyStep
+from vllm_redrafter.integration.runner import TreeVerifyStep
 
 BACKEND_PATH = "vllm_redrafter.integration.tree_attention.TreeCPUAttentionBackend"
 
@@ -74,21 +75,9 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def write_kv(self, layer: Any, key: torch.Tensor, value: torch.Tensor,
                  kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """The backend's own cache writer (no capture)."""
+        """The backend's own cache writer."""
         CPUAttentionBackendImpl.do_kv_cache_update(self, layer, key, value, kv_cache,
                                                    slot_mapping)
-
-    def do_kv_cache_update(self, layer: Any, key: torch.Tensor, value: torch.Tensor,
-                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        self.write_kv(layer, key, value, kv_cache, slot_mapping)
-        step = runner_state.current_tree_step()
-        if step is None or key.shape[0] == 0:
-            return
-        rows = step.tree_rows.to(key.device)
-        step.captures.append(LayerCapture(
-            writer=self.write_kv, layer=layer, kv_cache=kv_cache,
-            key=key[rows].clone(), value=value[rows].clone(),
-            slots=slot_mapping[rows].clone()))
 
     def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any,
@@ -97,29 +86,33 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                  output_scale, output_block_scale)
         step = runner_state.current_tree_step()
-        if step is None or attn_metadata is None or "mask" in step.disabled:
+        if step is None or attn_metadata is None:
             return output
-        self._tree_rows(layer, query, key, value, kv_cache, attn_metadata, output, step)
-        return output
-
-    def _tree_rows(self, layer: Any, query: torch.Tensor, key: torch.Tensor,
-                   value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any,
-                   output: torch.Tensor, step: TreeVerifyStep) -> None:
-        """Overwrite the drafted nodes' attention output with the tree-masked one."""
         plan = step.attention_cache.get("plan")
         if plan is None:
-            plan = _plan(step, attn_metadata.block_table, kv_cache.shape[2], query.device)
+            k_map, v_map = self._layout(layer, kv_cache)
+            plan = _plan(step, attn_metadata.block_table, kv_cache, k_map, v_map,
+                         query.device)
+            plan["slots"] = attn_metadata.slot_mapping[step.tree_rows.to(query.device)]
             step.attention_cache["plan"] = plan
-        k_map, v_map = self._layout(layer, kv_cache)
-        ctx_k, ctx_v = gather_context(kv_cache, plan["blocks"], k_map, v_map,
-                                      plan["max_context"])  # [B, Cmax, Hkv, D] each
+            step.kv_mover = move_tree_kv
+        step.kv_caches.append(kv_cache)
+        if "mask" not in step.disabled:
+            self._tree_rows(query, key, value, kv_cache, output, plan)
+        return output
+
+    def _tree_rows(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   kv_cache: torch.Tensor, output: torch.Tensor, plan: dict[str, Any]) -> None:
+        """Overwrite the drafted nodes' attention output with the tree-masked one."""
+        flat = kv_cache.view(-1)
+        shape = plan["context_shape"]  # (B, Cmax, Hkv, D)
+        ctx_k = flat.index_select(0, plan["k_index"]).view(shape)  # [B, Cmax, Hkv, D]
+        ctx_v = flat.index_select(0, plan["v_index"]).view(shape)  # [B, Cmax, Hkv, D]
         node_rows = plan["node_rows"]  # [B, nmax] (padding -> row 0)
-        q = query[node_rows]  # [B, nmax, Hq, D]
         k = torch.cat([ctx_k, key[node_rows]], dim=1)  # [B, Cmax + nmax, Hkv, D]
         v = torch.cat([ctx_v, value[node_rows]], dim=1)  # [B, Cmax + nmax, Hkv, D]
-        out = tree_sdpa(q, k, v, plan["mask"], self.scale)  # [B, nmax, Hq, D]
-        valid = plan["valid"]  # [B, nmax]
-        output[node_rows[valid]] = out[valid].to(output.dtype)
+        out = tree_sdpa(query[node_rows], k, v, plan["mask"], self.scale)  # [B, nmax, Hq, D]
+        output[plan["valid_rows"]] = out[plan["valid"]].to(output.dtype)
 
     def _layout(self, layer: Any, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, num_kv_heads, block_size, twice_d = kv_cache.shape
@@ -196,60 +189,116 @@ def probe_cache_layout(write: Any, num_kv_heads: int, block_size: int, head_size
     return maps[0], maps[1]
 
 
-def _plan(step: TreeVerifyStep, block_table: torch.Tensor, block_size: int,
-          device: torch.device) -> dict[str, Any]:
-    """Per-step gather plan shared by every layer.
+def _plan(step: TreeVerifyStep, block_table: torch.Tensor, kv_cache: torch.Tensor,
+          k_map: torch.Tensor, v_map: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """Per-step gather plan shared by every layer (all layers of the group have the same
+    block table and cache geometry).
 
-    Returns ``blocks [B, nb]`` (block ids holding each request's context, padded with
-    the last one), ``node_rows [B, nmax]``, ``valid [B, nmax]``, ``max_context`` and
+    Returns ``k_index`` / ``v_index`` (``[B * Cmax * Hkv * D]`` flat offsets of the
+    context K / V in one layer's cache, padded positions read position 0),
+    ``context_shape``, ``node_rows [B, nmax]``, ``valid [B, nmax]``, ``valid_rows`` and
     ``mask [B, nmax, Cmax + nmax]`` (True = visible).
     """
     reqs = step.requests
+    heads = kv_cache.shape[1]
+    head_size = k_map.shape[2]
+    block_elems = kv_cache[0].numel()
     max_context = max(r.context_len for r in reqs)
     max_nodes = max(r.num_drafts for r in reqs)
-    num_blocks = -(-max_context // block_size)
-    blocks = torch.zeros(len(reqs), num_blocks, dtype=torch.int64)
+    table = block_table.cpu()
+    k_index = torch.zeros(len(reqs), max_context, heads, head_size, dtype=torch.int64)
+    v_index = torch.zeros_like(k_index)
     node_rows = torch.zeros(len(reqs), max_nodes, dtype=torch.int64)
     valid = torch.zeros(len(reqs), max_nodes, dtype=torch.bool)
     mask = torch.zeros(len(reqs), max_nodes, max_context + max_nodes, dtype=torch.bool)
-    table = block_table.cpu()
     for b, req in enumerate(reqs):
-        used = -(-req.context_len // block_size)
-        blocks[b, :used] = table[req.batch_index, :used]
-        blocks[b, used:] = blocks[b, used - 1]
+        blocks = table[req.batch_index]
+        k_index[b, : req.context_len] = context_offsets(blocks, req.context_len, k_map,
+                                                        block_elems)
+        v_index[b, : req.context_len] = context_offsets(blocks, req.context_len, v_map,
+                                                        block_elems)
         n = req.num_drafts
         node_rows[b, :n] = torch.arange(req.root_row + 1, req.root_row + 1 + n)
         valid[b, :n] = True
         mask[b, :, : req.context_len] = True  # padding rows see the context: no NaN
         mask[b, :n, max_context : max_context + n] = req.mask
-    return {"blocks": blocks.to(device), "node_rows": node_rows.to(device),
-            "valid": valid.to(device), "mask": mask.to(device), "max_context": max_context}
+    return {"k_map": k_map, "v_map": v_map, "block_elems": block_elems,
+            "k_index": k_index.view(-1).to(device), "v_index": v_index.view(-1).to(device),
+            "context_shape": (len(reqs), max_context, heads, head_size),
+            "node_rows": node_rows.to(device), "valid": valid.to(device),
+            "valid_rows": node_rows[valid].to(device), "mask": mask.to(device)}
+
+
+def slot_offsets(slots: torch.Tensor, layout_map: torch.Tensor,
+                 block_elems: int) -> torch.Tensor:
+    """Flat offsets of the K (or V) elements of arbitrary cache slots.
+
+    Args:
+        slots: ``[M]`` KV slots (``block * block_size + offset``).
+        layout_map: ``[Hkv, block, D]``; block_elems: elements per block.
+
+    Returns:
+        ``[M, Hkv, D]`` int64 offsets into ``kv_cache.view(-1)``.
+    """
+    block_size = layout_map.shape[1]
+    slots = slots.cpu().to(torch.int64)
+    base = (slots // block_size) * block_elems  # [M]
+    return base[:, None, None] + layout_map[:, slots % block_size].transpose(0, 1)
+
+
+def move_tree_kv(step: TreeVerifyStep, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
+    """KV fix-up: copy the K and V of tree rows ``src_rows`` into the slots of tree rows
+    ``dst_rows`` (indices into ``step.tree_rows``) in every layer's cache, through the
+    layout map learnt from the backend's writer. All sources are read before any write.
+
+    Example: path ``[0, 4, 5]`` of a request whose rows start at 0 moves rows ``[4, 5]``
+    into the slots of rows ``[1, 2]``.
+    """
+    plan = step.attention_cache["plan"]
+    slots = plan["slots"].cpu()
+    src_slots, dst_slots = slots[src_rows], slots[dst_rows]
+    elems = plan["block_elems"]
+    src = torch.cat([slot_offsets(src_slots, plan["k_map"], elems).reshape(-1),
+                     slot_offsets(src_slots, plan["v_map"], elems).reshape(-1)])
+    dst = torch.cat([slot_offsets(dst_slots, plan["k_map"], elems).reshape(-1),
+                     slot_offsets(dst_slots, plan["v_map"], elems).reshape(-1)])
+    for kv_cache in step.kv_caches:
+        flat = kv_cache.view(-1)
+        src_d, dst_d = src.to(flat.device), dst.to(flat.device)
+        flat.index_copy_(0, dst_d, flat.index_select(0, src_d))
+
+
+def context_offsets(blocks: torch.Tensor, length: int, layout_map: torch.Tensor,
+                    block_elems: int) -> torch.Tensor:
+    """Flat offsets (into ``kv_cache.view(-1)``) of the first ``length`` tokens' K or V.
+
+    Args:
+        blocks: ``[nb]`` the request's block ids in sequence order.
+        length: tokens to address (``<= nb * block``).
+        layout_map: ``[Hkv, block, D]`` offsets inside a block (``k_map`` or ``v_map``).
+        block_elems: elements per block of the cache (``kv_cache[0].numel()``).
+
+    Returns:
+        ``[length, Hkv, D]`` int64. Example (``vec`` layout, ``block = 32``, ``D = 64``,
+        one head): token 40 of blocks ``[7, 2]`` is block 2, offset 8, so its K dim 3 is
+        at ``2 * block_elems + 3 * 32 + 8``.
+    """
+    block_size = layout_map.shape[1]
+    pos = torch.arange(length)  # [length]
+    base = blocks.cpu()[pos // block_size].to(torch.int64) * block_elems  # [length]
+    return base[:, None, None] + layout_map[:, pos % block_size].transpose(0, 1)
 
 
 def gather_context(kv_cache: torch.Tensor, blocks: torch.Tensor, k_map: torch.Tensor,
                    v_map: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read the first ``length`` tokens of K and V through a learnt layout map.
+    """Read one request's first ``length`` tokens of K and V through the layout maps.
 
-    Args:
-        kv_cache: ``[num_blocks, Hkv, block, 2 * D]`` one layer's paged cache.
-        blocks: ``[B, nb]`` block ids in sequence order.
-        k_map, v_map: ``[Hkv, block, D]`` flat offsets inside a block.
-        length: tokens to return (``<= nb * block``).
-
-    Returns:
-        ``(k, v)``, each ``[B, length, Hkv, D]``.
+    Returns ``(k, v)``, each ``[length, Hkv, D]`` (a copy, in the cache dtype).
     """
-    batch, num_blocks = blocks.shape
-    heads, block_size, head_size = k_map.shape
-    flat = kv_cache.view(kv_cache.shape[0], -1)[blocks]  # [B, nb, Hkv * block * 2D]
-
-    def read(index: torch.Tensor) -> torch.Tensor:
-        picked = flat[:, :, index.reshape(-1).to(flat.device)]  # [B, nb, Hkv * block * D]
-        picked = picked.view(batch, num_blocks, heads, block_size, head_size)
-        picked = picked.permute(0, 1, 3, 2, 4)  # [B, nb, block, Hkv, D]
-        return picked.reshape(batch, num_blocks * block_size, heads, head_size)[:, :length]
-
-    return read(k_map), read(v_map)
+    flat = kv_cache.view(-1)
+    elems = kv_cache[0].numel()
+    return (flat[context_offsets(blocks, length, k_map, elems)],
+            flat[context_offsets(blocks, length, v_map, elems)])
 
 
 def tree_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -263,9 +312,9 @@ def tree_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     Returns:
         ``[B, n, Hq, D]`` float32.
     """
-    qh = q.float().transpose(1, 2)  # [B, Hq, n, D]
-    group = q.shape[2] // k.shape[2]
-    kh = k.float().transpose(1, 2).repeat_interleave(group, dim=1)  # [B, Hq, S, D]
-    vh = v.float().transpose(1, 2).repeat_interleave(group, dim=1)  # [B, Hq, S, D]
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=scale)
+    qh = q.transpose(1, 2).float()  # [B, Hq, n, D]
+    kh = k.transpose(1, 2).float()  # [B, Hkv, S, D]
+    vh = v.transpose(1, 2).float()  # [B, Hkv, S, D]
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=scale,
+                                         enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)  # [B, n, Hq, D]
