@@ -3,6 +3,7 @@
 
     python examples/offline_inference.py                      # demo target + shipped drafter
     python examples/offline_inference.py --target DIR --drafter DIR --beam-width 4
+    python examples/offline_inference.py --tree               # verify all beams as one tree
 
 The plugin is picked up automatically (entry point ``vllm.general_plugins: redrafter``);
 selecting ReDrafter is only the ``speculative_config`` below.
@@ -22,6 +23,8 @@ def main() -> None:
     parser.add_argument("--drafter", default=DEFAULT_DRAFTER)
     parser.add_argument("--beam-width", type=int, default=None)
     parser.add_argument("--beam-length", type=int, default=None)
+    parser.add_argument("--tree", action="store_true",
+                        help="tree verification of all beams (CPU backend)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-token-ids", default=None,
                         help="comma-separated token ids (for targets without a tokenizer)")
@@ -39,6 +42,8 @@ def main() -> None:
         spec["beam_width"] = args.beam_width
     if args.beam_length:
         spec["beam_length"] = args.beam_length  # includes the target's own token
+    if args.tree:
+        spec["tree"] = True  # num_speculative_tokens is derived: W * (L - 1) tree nodes
 
     llm = LLM(target, speculative_config=spec,
               dtype="float32", enforce_eager=True,   # eager is required on CPU

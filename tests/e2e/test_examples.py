@@ -39,7 +39,8 @@ def _random_drafter(out: Path, hidden: int, vocab: int, draft_vocab=None) -> Pat
     return out
 
 
-def test_offline_inference_example(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_offline_inference_example(tiny_llama_dir, tmp_path, mode):
     from tests.conftest import TINY_LLAMA
 
     drafter = _random_drafter(tmp_path / "drafter", TINY_LLAMA["hidden_size"],
@@ -47,7 +48,7 @@ def test_offline_inference_example(tiny_llama_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "offline_inference.py"), "--target",
          str(tiny_llama_dir), "--drafter", str(drafter), "--max-tokens", "12",
-         "--prompt-token-ids", "5,17,300,42"],
+         "--prompt-token-ids", "5,17,300,42"] + (["--tree"] if mode == "tree" else []),
         capture_output=True, text=True, timeout=600, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "token ids:" in proc.stdout

@@ -80,26 +80,28 @@ class FixedShapeProposer(ReDrafterProposer):
 
 def measure(llm: Any, prompts: list[list[int]], shapes: list[tuple[str, int]],
             max_tokens: int) -> list[dict[str, Any]]:
-    """Seconds per engine step for each (shape, drafted nodes), requests one at a time."""
+    """Seconds per engine step for each (shape, drafted nodes), requests one at a time.
+
+    Shapes are interleaved prompt by prompt (every shape runs prompt 0, then prompt 1...),
+    so a drift of the machine's speed during the run hits every shape alike.
+    """
     from vllm import SamplingParams
 
     engine = llm.llm_engine
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                             detokenize=False)
-    rows = []
-    for shape, size in shapes:
-        steps, wall, tokens = 0, 0.0, 0
-        for i, prompt in enumerate(prompts):
+    steps = {shape: 0 for shape in shapes}
+    wall = {shape: 0.0 for shape in shapes}
+    for i, prompt in enumerate(prompts):
+        for shape, size in shapes:
             engine.add_request(f"{shape}-{size}-{i}", {"prompt_token_ids": prompt}, params)
             engine.step()  # prefill (not timed)
             start = time.perf_counter()
             done = False
             while not done:
-                for out in engine.step():
-                    done = done or out.finished
-                    tokens = len(out.outputs[0].token_ids) if out.finished else tokens
-                steps += 1
-            wall += time.perf_counter() - start
-        rows.append({"shape": shape, "verified_tokens": 1 + size,
-                     "ms_per_step": round(1000 * wall / max(steps, 1), 2), "steps": steps})
-    return rows
+                done = any(out.finished for out in engine.step())
+                steps[(shape, size)] += 1
+            wall[(shape, size)] += time.perf_counter() - start
+    return [{"shape": shape, "verified_tokens": 1 + size,
+             "ms_per_step": round(1000 * wall[(shape, size)] / max(steps[(shape, size)], 1), 2),
+             "steps": steps[(shape, size)]} for shape, size in shapes]

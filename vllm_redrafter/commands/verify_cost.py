@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drafter", default=str(DEFAULT_DRAFTER),
                         help="a drafter checkpoint matching the target (loaded, not used)")
     parser.add_argument("--prompts", default=str(DEFAULT_MT_BENCH))
-    parser.add_argument("--num-prompts", type=int, default=4)
+    parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--sizes", type=_csv(int), default=[0, 4, 8, 16],
                         help="drafted nodes per step (0, 4, 8, 16 = 1, 5, 9, 17 verified)")

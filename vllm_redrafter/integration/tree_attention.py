@@ -91,28 +91,26 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         plan = step.attention_cache.get("plan")
         if plan is None:
             k_map, v_map = self._layout(layer, kv_cache)
-            plan = _plan(step, attn_metadata.block_table, kv_cache, k_map, v_map,
-                         query.device)
-            plan["slots"] = attn_metadata.slot_mapping[step.tree_rows.to(query.device)]
+            plan = _plan(step, attn_metadata.block_table, attn_metadata.slot_mapping,
+                         kv_cache, k_map, v_map, query.device)
             step.attention_cache["plan"] = plan
             step.kv_mover = move_tree_kv
         step.kv_caches.append(kv_cache)
         if "mask" not in step.disabled:
-            self._tree_rows(query, key, value, kv_cache, output, plan)
+            self._tree_rows(query, kv_cache, output, plan)
         return output
 
-    def _tree_rows(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   kv_cache: torch.Tensor, output: torch.Tensor, plan: dict[str, Any]) -> None:
+    def _tree_rows(self, query: torch.Tensor, kv_cache: torch.Tensor, output: torch.Tensor,
+                   plan: dict[str, Any]) -> None:
         """Overwrite the drafted nodes' attention output with the tree-masked one."""
         flat = kv_cache.view(-1)
-        shape = plan["context_shape"]  # (B, Cmax, Hkv, D)
-        ctx_k = flat.index_select(0, plan["k_index"]).view(shape)  # [B, Cmax, Hkv, D]
-        ctx_v = flat.index_select(0, plan["v_index"]).view(shape)  # [B, Cmax, Hkv, D]
-        node_rows = plan["node_rows"]  # [B, nmax] (padding -> row 0)
-        k = torch.cat([ctx_k, key[node_rows]], dim=1)  # [B, Cmax + nmax, Hkv, D]
-        v = torch.cat([ctx_v, value[node_rows]], dim=1)  # [B, Cmax + nmax, Hkv, D]
-        out = tree_sdpa(query[node_rows], k, v, plan["mask"], self.scale)  # [B, nmax, Hq, D]
-        output[plan["valid_rows"]] = out[plan["valid"]].to(output.dtype)
+        batch, width, heads, head_size = plan["kv_shape"]
+        k = flat.index_select(0, plan["k_index"]).view(plan["kv_shape"])  # [B, S, Hkv, D]
+        v = flat.index_select(0, plan["v_index"]).view(plan["kv_shape"])  # [B, S, Hkv, D]
+        q = query.index_select(0, plan["node_rows"]).view(batch, -1, *query.shape[1:])
+        out = tree_sdpa(q, k, v, plan["bias"], self.scale)  # [B, nmax, Hq, D]
+        out = out.reshape(-1, *query.shape[1:])[plan["valid"]]  # [R, Hq, D]
+        output.index_copy_(0, plan["valid_rows"], out.to(output.dtype))
 
     def _layout(self, layer: Any, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, num_kv_heads, block_size, twice_d = kv_cache.shape
@@ -189,15 +187,19 @@ def probe_cache_layout(write: Any, num_kv_heads: int, block_size: int, head_size
     return maps[0], maps[1]
 
 
-def _plan(step: TreeVerifyStep, block_table: torch.Tensor, kv_cache: torch.Tensor,
-          k_map: torch.Tensor, v_map: torch.Tensor, device: torch.device) -> dict[str, Any]:
+def _plan(step: TreeVerifyStep, block_table: torch.Tensor, slot_mapping: torch.Tensor,
+          kv_cache: torch.Tensor, k_map: torch.Tensor, v_map: torch.Tensor,
+          device: torch.device) -> dict[str, Any]:
     """Per-step gather plan shared by every layer (all layers of the group have the same
-    block table and cache geometry).
+    block table, slot mapping and cache geometry).
 
-    Returns ``k_index`` / ``v_index`` (``[B * Cmax * Hkv * D]`` flat offsets of the
-    context K / V in one layer's cache, padded positions read position 0),
-    ``context_shape``, ``node_rows [B, nmax]``, ``valid [B, nmax]``, ``valid_rows`` and
-    ``mask [B, nmax, Cmax + nmax]`` (True = visible).
+    Keys: ``k_index`` / ``v_index`` (``[B * (Cmax + nmax) * Hkv * D]`` flat offsets into
+    one layer's cache of each tree request's context then its drafted nodes, which the
+    backend wrote into their own slots before the forward; padding reads offset 0),
+    ``kv_shape`` ``(B, Cmax + nmax, Hkv, D)``, ``node_rows`` (``[B * nmax]`` query rows,
+    padding -> row 0), ``valid`` (``[B * nmax]`` bool), ``valid_rows``, ``bias``
+    (``[B, 1, nmax, Cmax + nmax]`` additive mask: 0 visible, -inf hidden), ``slots`` (the
+    KV slots of ``step.tree_rows``) and the layout maps.
     """
     reqs = step.requests
     heads = kv_cache.shape[1]
@@ -205,28 +207,32 @@ def _plan(step: TreeVerifyStep, block_table: torch.Tensor, kv_cache: torch.Tenso
     block_elems = kv_cache[0].numel()
     max_context = max(r.context_len for r in reqs)
     max_nodes = max(r.num_drafts for r in reqs)
+    width = max_context + max_nodes
     table = block_table.cpu()
-    k_index = torch.zeros(len(reqs), max_context, heads, head_size, dtype=torch.int64)
+    slots = slot_mapping.cpu()
+    k_index = torch.zeros(len(reqs), width, heads, head_size, dtype=torch.int64)
     v_index = torch.zeros_like(k_index)
     node_rows = torch.zeros(len(reqs), max_nodes, dtype=torch.int64)
     valid = torch.zeros(len(reqs), max_nodes, dtype=torch.bool)
-    mask = torch.zeros(len(reqs), max_nodes, max_context + max_nodes, dtype=torch.bool)
+    visible = torch.zeros(len(reqs), max_nodes, width, dtype=torch.bool)
     for b, req in enumerate(reqs):
-        blocks = table[req.batch_index]
-        k_index[b, : req.context_len] = context_offsets(blocks, req.context_len, k_map,
-                                                        block_elems)
-        v_index[b, : req.context_len] = context_offsets(blocks, req.context_len, v_map,
-                                                        block_elems)
-        n = req.num_drafts
-        node_rows[b, :n] = torch.arange(req.root_row + 1, req.root_row + 1 + n)
+        n, ctx = req.num_drafts, req.context_len
+        rows = torch.arange(req.root_row + 1, req.root_row + 1 + n)  # [n]
+        for index, layout in ((k_index, k_map), (v_index, v_map)):
+            index[b, :ctx] = context_offsets(table[req.batch_index], ctx, layout, block_elems)
+            index[b, max_context : max_context + n] = slot_offsets(slots[rows], layout,
+                                                                   block_elems)
+        node_rows[b, :n] = rows
         valid[b, :n] = True
-        mask[b, :, : req.context_len] = True  # padding rows see the context: no NaN
-        mask[b, :n, max_context : max_context + n] = req.mask
+        visible[b, :, :ctx] = True  # padding rows see the context: no NaN
+        visible[b, :n, max_context : max_context + n] = req.mask
+    bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
     return {"k_map": k_map, "v_map": v_map, "block_elems": block_elems,
             "k_index": k_index.view(-1).to(device), "v_index": v_index.view(-1).to(device),
-            "context_shape": (len(reqs), max_context, heads, head_size),
-            "node_rows": node_rows.to(device), "valid": valid.to(device),
-            "valid_rows": node_rows[valid].to(device), "mask": mask.to(device)}
+            "kv_shape": (len(reqs), width, heads, head_size),
+            "node_rows": node_rows.view(-1).to(device), "valid": valid.view(-1).to(device),
+            "valid_rows": node_rows[valid].to(device), "bias": bias[:, None].to(device),
+            "slots": slots[step.tree_rows]}
 
 
 def slot_offsets(slots: torch.Tensor, layout_map: torch.Tensor,
@@ -306,15 +312,17 @@ def tree_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """Masked attention in float32 with grouped KV heads.
 
     Args:
-        q: ``[B, n, Hq, D]``; k, v: ``[B, S, Hkv, D]``; mask: ``[B, n, S]`` bool
-        (True = visible; every row must see at least one key).
+        q: ``[B, n, Hq, D]``; k, v: ``[B, S, Hkv, D]``; mask: ``[B, n, S]`` bool (True =
+        visible) or ``[B, 1, n, S]`` float additive bias; every row must see a key.
 
     Returns:
         ``[B, n, Hq, D]`` float32.
     """
+    if mask.dtype == torch.bool:
+        mask = mask[:, None]
     qh = q.transpose(1, 2).float()  # [B, Hq, n, D]
     kh = k.transpose(1, 2).float()  # [B, Hkv, S, D]
     vh = v.transpose(1, 2).float()  # [B, Hkv, S, D]
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=scale,
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
                                          enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)  # [B, n, Hq, D]
