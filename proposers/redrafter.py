@@ -199,7 +199,7 @@ class ReDrafterProposer:
         self._rows: torch.Tensor | None = None
         self._init: torch.Tensor | None = None
         self.draft_seconds = 0.0
-        """Cumulative host seconds spent in :meth:`propose_with_context` (the final
+        """Cumulative host seconds spent in :meth:`propose_step` (the final
         device-to-host copy of the drafts synchronises, so this covers device work)."""
         self.num_proposals = 0
         """Requests drafted so far on this rank."""

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """`vllm-redrafter bench` end to end, small: tiny random Llama, random drafter, 2 prompts ×
-16 tokens, configs none / ngram / redrafter. Checks the reports, not the speed."""
+16 tokens, the default configs none / ngram / redrafter / redrafter-tree. Checks the
+reports, not the speed."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def test_bench_smoke(tiny_llama_dir, random_drafter_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     rows = {(r["config"], r["concurrency"]): r for r in report["results"]}
-    assert set(rows) == {(c, k) for c in ("none", "ngram", "redrafter") for k in (1, 2)}
+    configs = ("none", "ngram", "redrafter", "redrafter-tree")
+    assert set(rows) == {(c, k) for c in configs for k in (1, 2)}
     for (config, _), row in rows.items():
         assert row["status"] == "ok", row
         assert 0 < row["output_tokens"] <= 2 * 16
@@ -56,10 +58,15 @@ def test_bench_smoke(tiny_llama_dir, random_drafter_dir, tmp_path):
         # Greedy float32: every configuration emits the baseline's tokens.
         assert row["output_tokens"] == rows[("none", 1)]["output_tokens"]
     for k in (1, 2):
-        red = rows[("redrafter", k)]
-        assert red["identical_to_baseline"] == 2 and red["compared_to_baseline"] == 2
-        assert red["num_drafts"] > 0 and red["mean_acceptance_length"] >= 1.0
-        assert red["draft_time_share"] is not None and 0 < red["draft_time_share"] < 1
+        for name, verified in (("redrafter", 3.0), ("redrafter-tree", None)):
+            red = rows[(name, k)]
+            assert red["identical_to_baseline"] == 2 and red["compared_to_baseline"] == 2
+            assert red["num_drafts"] > 0 and red["mean_acceptance_length"] >= 1.0
+            assert red["draft_time_share"] is not None and 0 < red["draft_time_share"] < 1
+            if verified is not None:  # a chain verifies L = 3 tokens per step
+                assert red["mean_verified_tokens"] == verified
+            else:  # a tree of 2 beams of 3 verifies 3..5 tokens (random beams differ)
+                assert 3.0 < red["mean_verified_tokens"] <= 5.0, red
         assert rows[("none", k)]["speedup_vs_baseline"] == 1.0
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "| redrafter | 1 | 0.0 |" in (out / "bench.md").read_text()
