@@ -71,3 +71,22 @@ def test_bench_smoke(tiny_llama_dir, random_drafter_dir, tmp_path):
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "| redrafter | 1 | 0.0 |" in (out / "bench.md").read_text()
     assert "| redrafter | 1 | 0.0 |" in proc.stdout
+
+
+def test_verify_cost_smoke(tiny_llama_dir, random_drafter_dir, tmp_path):
+    """`vllm-redrafter verify-cost` runs chain and tree shapes and reports every size."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": [5, 17, 300, 42]}) + "\n")
+    out = tmp_path / "cost"
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "vllm-redrafter"), "verify-cost",
+         "--target", str(tiny_llama_dir), "--drafter", str(random_drafter_dir),
+         "--prompts", str(prompts), "--num-prompts", "1", "--max-tokens", "6",
+         "--sizes", "0,4", "--out", str(out)],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "verify_cost.json").read_text())["rows"]
+    assert {(r["shape"], r["verified_tokens"]) for r in rows} == {
+        ("chain", 1), ("chain", 5), ("tree", 5)}
+    assert all(r["steps"] > 0 and r["ms_per_step"] > 0 for r in rows)
+    assert "| 5 |" in proc.stdout

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             acc[1].merge(tree)
     rows = [_row(name, *stats) for name, stats in sorted(
         totals.items(), key=lambda kv: (kv[0] != "all", kv[0]))]
-    print(f"| group | steps | chain τ | tree τ | chain accept/depth | tree accept/depth |")
+    print("| group | steps | chain τ | tree τ | chain accept/depth | tree accept/depth |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['group']} | {r['steps_chain']} | {r['tau_chain']:.2f} | "

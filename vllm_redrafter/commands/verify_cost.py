@@ -48,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
         target = str(prepare_demo_target())
     records = load_prompts(Path(args.prompts), limit=args.num_prompts)
     prompts = [ids for ids in render_prompts(records, target, 1024) if ids is not None]
-    llm = LLM(target, dtype=args.dtype, enforce_eager=True, max_model_len=2048,
+    has_tokenizer = any((Path(target) / f).is_file()
+                        for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    llm = LLM(target, dtype=args.dtype, enforce_eager=True, max_model_len=1024,
               max_num_seqs=4, seed=0, disable_log_stats=True,
+              skip_tokenizer_init=not has_tokenizer,
               speculative_config={"method": "custom_class", "model": CLASS_PATH,
                                   "num_speculative_tokens": 4 * BRANCHES},
               additional_config={"redrafter": {"model": str(Path(args.drafter).resolve()),
