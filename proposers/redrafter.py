@@ -43,6 +43,7 @@ from vllm_redrafter.checkpoint import load_drafter
 from vllm_redrafter.drafter import RecurrentDrafter
 from vllm_redrafter.integration import compat, hooks, patches, spec_config, tree_hooks
 from vllm_redrafter.logger import get_logger
+from vllm_redrafter.scorers.chain import best_beam_drafts
 from vllm_redrafter.steps import DraftStep, Proposal, TreeDraft
 from vllm_redrafter.tree import build_tree
 
@@ -318,8 +319,9 @@ class ReDrafterProposer:
         proposal = Proposal()
         cap = self.num_speculative_tokens
         tree_rows = [i for i, req in enumerate(step.requests) if self.tree_mode and req.tree_ok]
-        for i, req in enumerate(step.requests):
-            proposal.drafts[req.req_id] = beams[i, 0, 1 : 1 + min(cap, beams.shape[2] - 1)].tolist()
+        chains = best_beam_drafts(beams, step, step.num_reqs, cap)  # batch order
+        for req in step.requests:
+            proposal.drafts[req.req_id] = chains[req.batch_index]
         if not tree_rows:
             return proposal
         packed = build_tree(beams[tree_rows])

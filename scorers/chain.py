@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_redrafter.steps import DraftStep
+
 
 @dataclass(frozen=True, slots=True)
 class ChainContext:
@@ -111,7 +113,7 @@ def select_context_rows(
 
 def best_beam_drafts(
     beam_tokens: torch.Tensor,
-    context: ChainContext,
+    context: ChainContext | DraftStep,
     num_reqs: int,
     max_draft_tokens: int,
 ) -> list[list[int]]:
@@ -120,7 +122,8 @@ def best_beam_drafts(
     Args:
         beam_tokens: ``[n, W, L]`` int beams of the ``n = context.num_active`` requests,
             best beam first, column 0 = the init token (``Beams.tokens``).
-        context: the layout that produced the drafter inputs.
+        context: the layout that produced the drafter inputs (its ``req_indices`` and
+            ``num_active``).
         num_reqs: batch size; requests without a draft get ``[]``.
         max_draft_tokens: cap per request (``num_speculative_tokens``; vLLM asserts
             that no request drafts more).

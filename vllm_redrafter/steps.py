@@ -16,8 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-SAMPLING_EPS = 1e-5
-"""Temperatures below this are greedy (vLLM's threshold)."""
+from vllm_redrafter.acceptance import SAMPLING_EPS
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +87,16 @@ class DraftStep:
     def init_tokens(self) -> list[int]:
         """Init token of every drafted request."""
         return [r.init_token for r in self.requests]
+
+    @property
+    def req_indices(self) -> list[int]:
+        """Batch index of every drafted request."""
+        return [r.batch_index for r in self.requests]
+
+    @property
+    def num_active(self) -> int:
+        """Number of drafted requests."""
+        return len(self.requests)
 
 
 @dataclass(frozen=True, slots=True)

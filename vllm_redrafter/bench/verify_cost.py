@@ -68,8 +68,8 @@ class FixedShapeProposer(ReDrafterProposer):
             shape, size = fixed_shape(req.req_id)
             if size == 0:
                 continue
-            tree = branching_tree(req.init_token, size, self.vocab)
             if shape == "tree":
+                tree = branching_tree(req.init_token, size, self.vocab)
                 proposal.trees[req.req_id] = tree
                 proposal.drafts[req.req_id] = tree.drafts
             else:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import sys
 import time
 from pathlib import Path
@@ -37,12 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N records only")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", default=None, help="write the report JSON here")
-
-
-def _records(path: Path) -> list[dict]:
-    opener = lzma.open if path.suffix == ".xz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _categories(path: Path) -> dict[str, str]:
@@ -80,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).eval()
     drafter = load_drafter(args.drafter, dtype=dtype).eval()
     categories = _categories(Path(args.questions))
-    records = _records(data)[: args.limit]
+    from vllm_redrafter.training.data import iter_generations
+
+    records = list(iter_generations(data))[: args.limit]
     totals: dict[str, tuple[WalkStats, WalkStats]] = {}
     start = time.perf_counter()
     for record in records:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from vllm_redrafter.integration import compat
-from vllm_redrafter.integration.patches import Patch, register_patch
+from vllm_redrafter.integration.patches import Patch, is_patched, mark_patched, register_patch
 
 CPU_EXPAND_FIX = "cpu-expand-kernel-fix"
 EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
@@ -37,9 +37,6 @@ EXPAND_PARAMETERS = (
     "replace_to",
     "MAX_NUM_TOKENS",
 )
-_MARK = "__redrafter_patch__"
-
-
 def expand_kernel_cpu(
     output: torch.Tensor,
     input_val: torch.Tensor,
@@ -76,7 +73,7 @@ def expand_kernel_cpu(
     output[:total].copy_(expanded.to(output.dtype))
 
 
-setattr(expand_kernel_cpu, _MARK, CPU_EXPAND_FIX)
+mark_patched(expand_kernel_cpu, CPU_EXPAND_FIX)
 
 
 def _apply_cpu_expand_fix() -> None:
@@ -90,7 +87,7 @@ def _apply_cpu_expand_fix() -> None:
     current = compat.require_attribute(
         CPU_EXPAND_FIX, cpu_triton_utils, "_expand_kernel_impl"
     )
-    if getattr(current, _MARK, None) == CPU_EXPAND_FIX:
+    if is_patched(current, CPU_EXPAND_FIX):
         return
     compat.require_parameters(CPU_EXPAND_FIX, current, EXPAND_PARAMETERS)
     cpu_triton_utils._expand_kernel_impl = expand_kernel_cpu

@@ -31,23 +31,16 @@ from typing import Any
 from vllm_redrafter import SUPPORTED_VLLM_RANGE, __version__
 from vllm_redrafter.integration import compat, spec_config
 from vllm_redrafter.integration import runner as runner_state
-from vllm_redrafter.integration.patches import Patch, PatchError, register_patch
+from vllm_redrafter.integration.patches import (
+    Patch,
+    PatchError,
+    is_patched,
+    mark_patched,
+    register_patch,
+)
 from vllm_redrafter.logger import get_logger
 
 logger = get_logger(__name__)
-
-_MARK = "__redrafter_patch__"
-"""Attribute set on every wrapper (value: the patch name); makes patches idempotent."""
-
-
-def _is_patched(func: Any, name: str) -> bool:
-    return getattr(func, _MARK, None) == name
-
-
-def _mark(wrapper: Any, name: str) -> Any:
-    setattr(wrapper, _MARK, name)
-    return wrapper
-
 
 # --------------------------------------------------------------------------------------
 # runner-propose-draft-hook: give the proposer the target's hidden states
@@ -74,7 +67,7 @@ def _apply_runner_hook() -> None:
 
     runner_cls = compat.require_attribute(RUNNER_HOOK, gpu_model_runner, "GPUModelRunner")
     current = compat.require_attribute(RUNNER_HOOK, runner_cls, "propose_draft_token_ids")
-    if _is_patched(current, RUNNER_HOOK):
+    if is_patched(current, RUNNER_HOOK):
         return
     signature = compat.require_parameters(RUNNER_HOOK, current, RUNNER_PARAMETERS)
     # The CPU runner subclasses GPUModelRunner; an override there would bypass the hook.
@@ -107,7 +100,7 @@ def _apply_runner_hook() -> None:
             spec_decode_metadata=arguments["spec_decode_metadata"],
         )
 
-    runner_cls.propose_draft_token_ids = _mark(propose_draft_token_ids, RUNNER_HOOK)
+    runner_cls.propose_draft_token_ids = mark_patched(propose_draft_token_ids, RUNNER_HOOK)
 
 
 register_patch(
@@ -184,7 +177,7 @@ def _apply_config_hook() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
     current = compat.require_attribute(CONFIG_HOOK, EngineArgs, "create_speculative_config")
-    if _is_patched(current, CONFIG_HOOK):
+    if is_patched(current, CONFIG_HOOK):
         return
     compat.require_parameters(CONFIG_HOOK, current, CONFIG_PARAMETERS)
     fields = getattr(EngineArgs, "__dataclass_fields__", {})
@@ -230,7 +223,7 @@ def _apply_config_hook() -> None:
             )
         return original(self, target_model_config, target_parallel_config)
 
-    EngineArgs.create_speculative_config = _mark(create_speculative_config, CONFIG_HOOK)
+    EngineArgs.create_speculative_config = mark_patched(create_speculative_config, CONFIG_HOOK)
 
 
 register_patch(
@@ -311,7 +304,7 @@ def _apply_cli_arg_hook() -> None:
             f"patch {CLI_ARG_HOOK}: EngineArgs.add_cli_args is not a staticmethod"
         )
     current = raw.__func__
-    if _is_patched(current, CLI_ARG_HOOK):
+    if is_patched(current, CLI_ARG_HOOK):
         return
     compat.require_parameters(CLI_ARG_HOOK, current, ("parser",))
     original = current
@@ -333,7 +326,7 @@ def _apply_cli_arg_hook() -> None:
             )
         return parser
 
-    EngineArgs.add_cli_args = staticmethod(_mark(add_cli_args, CLI_ARG_HOOK))
+    EngineArgs.add_cli_args = staticmethod(mark_patched(add_cli_args, CLI_ARG_HOOK))
 
 
 def _apply_cli_merge_hook() -> None:
@@ -346,7 +339,7 @@ def _apply_cli_merge_hook() -> None:
             f"patch {CLI_MERGE_HOOK}: EngineArgs.from_cli_args is not a classmethod"
         )
     current = raw.__func__
-    if _is_patched(current, CLI_MERGE_HOOK):
+    if is_patched(current, CLI_MERGE_HOOK):
         return
     compat.require_parameters(CLI_MERGE_HOOK, current, ("cls", "args"))
     original = current
@@ -356,7 +349,7 @@ def _apply_cli_merge_hook() -> None:
         merge_speculative_model(args)
         return original(cls, args)
 
-    EngineArgs.from_cli_args = classmethod(_mark(from_cli_args, CLI_MERGE_HOOK))
+    EngineArgs.from_cli_args = classmethod(mark_patched(from_cli_args, CLI_MERGE_HOOK))
 
 
 register_patch(
@@ -402,7 +395,7 @@ def _apply_refusal_guard() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
     current = getattr(EngineArgs, "create_speculative_config", None)
-    if current is None or _is_patched(current, REFUSAL_GUARD):
+    if current is None or is_patched(current, REFUSAL_GUARD):
         return
     original = current
 
@@ -421,7 +414,7 @@ def _apply_refusal_guard() -> None:
             )
         return original(self, *args, **kwargs)
 
-    EngineArgs.create_speculative_config = _mark(create_speculative_config, REFUSAL_GUARD)
+    EngineArgs.create_speculative_config = mark_patched(create_speculative_config, REFUSAL_GUARD)
 
 
 register_patch(

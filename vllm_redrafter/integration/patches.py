@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 from vllm_redrafter.logger import get_logger
 from vllm_redrafter.versioning import PatchError  # noqa: F401 (re-exported)
@@ -33,6 +34,21 @@ class Patch:
     load); ``"proposer"`` lazily by :func:`ensure_applied` when the ReDrafter proposer is
     built inside a model runner (so front-end processes never import the runner module);
     ``"refused"`` only by the plugin when it refuses the installed vLLM version."""
+
+
+PATCH_MARK = "__redrafter_patch__"
+"""Attribute set on every wrapper (value: the patch name); makes patches idempotent."""
+
+
+def mark_patched(wrapper: Any, name: str) -> Any:
+    """Tag ``wrapper`` as the installed wrapper of patch ``name``; returns it."""
+    setattr(wrapper, PATCH_MARK, name)
+    return wrapper
+
+
+def is_patched(func: Any, name: str) -> bool:
+    """True if ``func`` is the wrapper installed by patch ``name``."""
+    return getattr(func, PATCH_MARK, None) == name
 
 
 LEDGER: list[Patch] = []

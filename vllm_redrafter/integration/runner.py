@@ -131,8 +131,6 @@ class _WorkerState:
     trees: dict[str, TreeDraft] = field(default_factory=dict)
     current: TreeVerifyStep | None = None
     last_nodes: dict[str, int] = field(default_factory=dict)
-    tree_steps: int = 0
-    tree_requests_verified: int = 0
 
 
 _STATE = _WorkerState()
@@ -141,17 +139,6 @@ _STATE = _WorkerState()
 def current_tree_step() -> TreeVerifyStep | None:
     """The tree verification in flight in this process (None outside one)."""
     return _STATE.current
-
-
-def registered_trees() -> dict[str, TreeDraft]:
-    """Trees proposed and not yet verified, by request id (read-only use)."""
-    return dict(_STATE.trees)
-
-
-def reset() -> None:
-    """Forget every registered tree (tests, engine restarts in one process)."""
-    global _STATE
-    _STATE = _WorkerState()
 
 
 # ------------------------------------------------------------------ propose side
@@ -315,8 +302,6 @@ def sample_with_trees(runner: Any, original: Any, logits: Any,
             _fix_up_kv(step, verdicts)
         for req, verdict in zip(step.requests, verdicts):
             _STATE.last_nodes[req.req_id] = verdict.last_node
-        _STATE.tree_steps += 1
-        _STATE.tree_requests_verified += len(step.requests)
         return output
     finally:
         _STATE.current = None
@@ -383,10 +368,3 @@ def _fix_up_kv(step: TreeVerifyStep, verdicts: list[TreeVerdict]) -> None:
                            "backend did not run in this forward")
     step.kv_mover(step, torch.tensor(src, dtype=torch.int64),
                   torch.tensor(dst, dtype=torch.int64))
-
-
-def stats() -> dict[str, int]:
-    """Counters of this worker (tests and logs)."""
-    return {"tree_steps": _STATE.tree_steps,
-            "tree_requests_verified": _STATE.tree_requests_verified,
-            "registered_trees": len(_STATE.trees)}

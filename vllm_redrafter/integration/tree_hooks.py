@@ -22,13 +22,11 @@ from typing import Any
 
 from vllm_redrafter.integration import compat
 from vllm_redrafter.integration import runner as runner_state
-from vllm_redrafter.integration.patches import Patch, register_patch
+from vllm_redrafter.integration.patches import Patch, is_patched, mark_patched, register_patch
 from vllm_redrafter.logger import get_logger
 from vllm_redrafter.versioning import PatchError
 
 logger = get_logger(__name__)
-
-_MARK = "__redrafter_patch__"
 
 PREPARE_HOOK = "runner-tree-prepare-inputs"
 SAMPLE_HOOK = "runner-tree-sample"
@@ -45,7 +43,7 @@ def _runner_method(patch_name: str, method: str, parameters: tuple[str, ...]) ->
 
     runner_cls = compat.require_attribute(patch_name, gpu_model_runner, "GPUModelRunner")
     current = compat.require_attribute(patch_name, runner_cls, method)
-    if getattr(current, _MARK, None) == patch_name:
+    if is_patched(current, patch_name):
         return runner_cls, None
     compat.require_parameters(patch_name, current, parameters)
     cpu_module = sys.modules.get("vllm.v1.worker.cpu_model_runner")
@@ -70,8 +68,7 @@ def _apply_prepare_hook() -> None:
         runner_state.after_prepare_inputs(self, scheduler_output, result)
         return result
 
-    setattr(_prepare_inputs, _MARK, PREPARE_HOOK)
-    runner_cls._prepare_inputs = _prepare_inputs
+    runner_cls._prepare_inputs = mark_patched(_prepare_inputs, PREPARE_HOOK)
 
 
 def _apply_sample_hook() -> None:
@@ -83,8 +80,7 @@ def _apply_sample_hook() -> None:
     def _sample(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
         return runner_state.sample_with_trees(self, original, logits, spec_decode_metadata)
 
-    setattr(_sample, _MARK, SAMPLE_HOOK)
-    runner_cls._sample = _sample
+    runner_cls._sample = mark_patched(_sample, SAMPLE_HOOK)
 
 
 def _apply_backend_hook() -> None:

@@ -17,6 +17,7 @@ Generated files (``generations.jsonl``) hold one sequence per line:
 from __future__ import annotations
 
 import json
+import lzma
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,11 +95,13 @@ def load_prompts(path: str | Path, limit: int | None = None, offset: int = 0,
 
 
 def iter_generations(path: str | Path) -> Iterator[dict]:
-    """Yield the records of a ``generations.jsonl`` file (tolerates a torn last line)."""
+    """Yield the records of a ``generations.jsonl`` file, plain or ``.xz``-compressed
+    (tolerates a torn last line)."""
     path = Path(path)
     if not path.is_file():
         return
-    with open(path, encoding="utf-8") as f:
+    opener = lzma.open if path.suffix == ".xz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for line in f:
             if not line.endswith("\n"):
                 break  # torn write from an interrupted run
