@@ -102,6 +102,60 @@ class VocabParallelDraftHead(nn.Module):
         return logits.reshape(*z.shape[:-1], self.vocab_size)
 
 
+class TargetDraftHead(nn.Module):
+    """``head="target"`` drafters: the target's own output head, used by reference.
+
+    Runs the target's ``lm_head`` (a ``ParallelLMHead``, or the input embedding for tied
+    models) through its quant method, all-gathers the vocab shards like vLLM's logits
+    processor, and keeps the draft vocabulary's columns. No weight is copied, so the
+    drafter adds only its ``head_proj`` to the memory footprint.
+
+    Example: ``V = 6`` on 2 ranks, ``draft_vocab = [1, 4]``: rank shards give logits of
+    tokens 0-2 and 3-5; the gathered ``[*, 6]`` row keeps columns 1 and 4.
+
+    Args:
+        lm_head: the target's output head module (kept by reference, not registered).
+        vocab_size: ``V`` (columns past it are vocab padding).
+        draft_vocab: ``[Vd]`` int64 target ids, or ``None`` for the full vocabulary.
+    """
+
+    def __init__(self, lm_head: nn.Module, vocab_size: int,
+                 draft_vocab: torch.Tensor | None) -> None:
+        super().__init__()
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        object.__setattr__(self, "target_lm_head", lm_head)  # not a submodule
+        self.vocab_size = vocab_size
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.columns = draft_vocab  # [Vd] or None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[*, H]`` projected features -> ``[*, Vd]`` logits on every rank."""
+        from vllm.distributed import tensor_model_parallel_all_gather
+
+        head = self.target_lm_head
+        flat = x.reshape(-1, x.shape[-1])  # [N, H]
+        local = head.quant_method.apply(head, flat)  # [N, V_padded / tp]
+        if self.tp_size > 1:
+            local = tensor_model_parallel_all_gather(local.contiguous(), dim=-1)
+        logits = local[:, : self.vocab_size]  # [N, V]
+        if self.columns is not None:
+            logits = logits.index_select(1, self.columns)  # [N, Vd]
+        return logits.reshape(*x.shape[:-1], logits.shape[-1])
+
+
+def _target_output_head(target_model: nn.Module) -> nn.Module:
+    """The target's output head module (``lm_head``), for ``head="target"`` drafters."""
+    head = getattr(target_model, "lm_head", None)
+    if not isinstance(head, nn.Module) or getattr(head, "quant_method", None) is None:
+        raise spec_config.ReDrafterConfigError(
+            "this ReDrafter drafter scores tokens with the target's output head "
+            f"(config drafter.head='target'), but {type(target_model).__name__} exposes "
+            "no vLLM lm_head on this rank; use a drafter with its own head "
+            "(train with --head drafter)")
+    return head
+
+
 def _input_embedding(target_model: nn.Module) -> nn.Module:
     """The target's token-embedding module (raw table lookup, as the drafter was trained).
 
@@ -227,14 +281,23 @@ class ReDrafterProposer:
                 f"ReDrafter drafter hidden_size={core.hidden_size} does not match the "
                 f"target embedding width {embed_dim}"
             )
-        full_head = core.lm_head.weight  # [Vd, E] on the CPU
-        with set_current_vllm_config(self.vllm_config), torch.device(device):
-            head = VocabParallelDraftHead(
-                core.draft_vocab_size, core.config.exit_dim, self.dtype
-            )
-        core.lm_head = head  # replaces the full projection; frees it on every rank
-        core = core.to(device).eval().requires_grad_(False)
-        head.load_full_weight(full_head.to(device))
+        head: VocabParallelDraftHead | TargetDraftHead
+        if core.config.uses_target_head:
+            core = core.to(device).eval().requires_grad_(False)
+            columns = core.draft_vocab.to(device) if core.draft_vocab is not None else None
+            with set_current_vllm_config(self.vllm_config):
+                head = TargetDraftHead(_target_output_head(target_model),
+                                       core.config.vocab_size, columns)
+            core.lm_head = head
+        else:
+            full_head = core.lm_head.weight  # [Vd, E] on the CPU
+            with set_current_vllm_config(self.vllm_config), torch.device(device):
+                head = VocabParallelDraftHead(
+                    core.draft_vocab_size, core.config.exit_dim, self.dtype
+                )
+            core.lm_head = head  # replaces the full projection; frees it on every rank
+            core = core.to(device).eval().requires_grad_(False)
+            head.load_full_weight(full_head.to(device))
 
         self.drafter, self.embed, self.device = core, embed, device
         self._rows = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
@@ -244,8 +307,8 @@ class ReDrafterProposer:
         self.dummy_run(min(WARMUP_REQUESTS, self.max_num_reqs))
         logger.info(
             "ReDrafter proposer ready: drafter %s (%s, %d parameters on this rank), "
-            "beam_width=%d, beam_length=%d, draft_top_k=%s, tp=%d, verification=%s",
-            self.settings.drafter_dir, self.dtype, core.num_parameters(),
+            "head=%s, beam_width=%d, beam_length=%d, draft_top_k=%s, tp=%d, verification=%s",
+            self.settings.drafter_dir, self.dtype, core.num_parameters(), core.config.head,
             self.options.beam_width, self.options.beam_length,
             self.options.draft_top_k, head.tp_size, "tree" if self.tree_mode else "chain")
 

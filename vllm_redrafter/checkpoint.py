@@ -107,7 +107,7 @@ def save_drafter(
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         tensors[key] = tensor.contiguous()
-    stored_dtype = tensors["lm_head.weight"].dtype
+    stored_dtype = _float_dtype(tensors)
     config = ReDrafterCheckpointConfig.make(
         model.config,
         options=options,
@@ -128,6 +128,14 @@ def save_drafter(
         out_dir,
     )
     return out_dir
+
+
+def _float_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The dtype of the weights (``lm_head.weight`` or ``head_proj.weight``)."""
+    for key in ("lm_head.weight", "head_proj.weight"):
+        if key in tensors:
+            return tensors[key].dtype
+    return next(t.dtype for t in tensors.values() if t.is_floating_point())
 
 
 def _atomic_write(target: Path, write: Callable[[Path], object]) -> None:
@@ -386,7 +394,7 @@ def _check_tensors(
             f"drafter weights in {source} do not match the config (hidden_size="
             f"{config.hidden_size}, exit_dim={config.exit_dim}, num_draft_layers="
             f"{config.num_draft_layers}, rnn={config.rnn}, draft_vocab_size="
-            f"{config.draft_vocab_size}): " + "; ".join(problems)
+            f"{config.draft_vocab_size}, head={config.head}): " + "; ".join(problems)
         )
     if config.draft_vocab is not None:
         stored = tensors["draft_vocab"]
@@ -413,7 +421,7 @@ def load_drafter(
     Args:
         directory: checkpoint directory.
         dtype: floating-point dtype of the returned module (default: the stored dtype
-            of ``lm_head``).
+            of the output projection).
         device: device of the returned module (default: CPU).
 
     Raises:
@@ -440,7 +448,7 @@ def load_drafter(
         tensors, stored_names = _rename_apple_keys(raw_tensors, num_layers)
     _check_tensors(tensors, config, weights_path, stored_names, apple=fmt == "apple")
 
-    target_dtype = dtype if dtype is not None else tensors["lm_head.weight"].dtype
+    target_dtype = dtype if dtype is not None else _float_dtype(tensors)
     state = {
         key: value.to(target_dtype) if value.is_floating_point() else value
         for key, value in tensors.items()

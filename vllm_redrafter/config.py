@@ -57,6 +57,11 @@ class DrafterConfig(BaseModel):
         draft_vocab: optional reduced output vocabulary: sorted, unique target token
             ids. The drafter's ``lm_head`` then has ``len(draft_vocab)`` rows and
             row ``j`` scores target token ``draft_vocab[j]``.
+        head: where the output projection comes from. ``"drafter"`` (Apple's layout):
+            the drafter owns ``lm_head: Linear(E, Vd)``. ``"target"``: the drafter
+            owns only ``head_proj: Linear(E, H)`` and scores tokens with the
+            **target's frozen output head** (its rows for ``draft_vocab``, or all of
+            them), bound at load time and never stored in the checkpoint.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -68,6 +73,10 @@ class DrafterConfig(BaseModel):
     rnn: bool = Field(default=True, description="Recurrent update or running sum.")
     draft_vocab: list[int] | None = Field(
         default=None, description="Sorted unique target ids of the draft vocabulary."
+    )
+    head: Literal["drafter", "target"] = Field(
+        default="drafter",
+        description="Own output projection, or head_proj + the target's frozen head.",
     )
 
     @field_validator("draft_vocab")
@@ -106,6 +115,11 @@ class DrafterConfig(BaseModel):
         if self.draft_vocab is None:
             return self.vocab_size
         return len(self.draft_vocab)
+
+    @property
+    def uses_target_head(self) -> bool:
+        """Whether logits come from ``head_proj`` and the target's frozen head."""
+        return self.head == "target"
 
     @property
     def has_input_proj(self) -> bool:

@@ -10,7 +10,8 @@ Follows Apple's reference drafter (``apple/ml-recurrent-drafter``,
     z   = concat([h, s_t])                      (h FIRST, width 2H)
     z   = input_proj(z)                         (only when exit_dim != 2H)
     z   = z + SiLU(layers[k].linear(z))         (k = 0 .. num_draft_layers - 1)
-    logits = lm_head(z)                         (no bias, [Vd] outputs)
+    logits = lm_head(z)                         (no bias, [Vd] outputs; head="drafter")
+    logits = T[draft_vocab] @ head_proj(z)      (head="target": T = target's frozen head)
 
 ``h`` is the target's post-norm last-layer hidden state at the last committed token and
 ``e_t = E(x_t)`` are embeddings from the **target's** input embedding table (the drafter
@@ -22,6 +23,9 @@ Differences from the reference:
   ``lm_head``) instead of one ``nn.Sequential`` named ``lm_head``; see
   :mod:`vllm_redrafter.checkpoint` for the key mapping.
 - Optional reduced output vocabulary (``DrafterConfig.draft_vocab``).
+- Optional ``head="target"``: a learned ``head_proj: Linear(E, H)`` in front of the
+  target's own frozen output head (:class:`TargetHead`), so the drafter learns far fewer
+  parameters and can score every token of the target's vocabulary.
 - No logits post-processing here (Apple subtracts the row max and applies a top-50 mask
   inside the drafter); that belongs to the beam search (``draft_top_k``).
 
@@ -55,6 +59,45 @@ class ResBlock(nn.Module):
         return z + F.silu(self.linear(z))
 
 
+class TargetHead(nn.Module):
+    """The target's frozen output head, restricted to the draft vocabulary.
+
+    Holds no parameters (nothing of it is saved with the drafter): :meth:`bind` hands it
+    the target's ``[V, H]`` output matrix (the input embedding for tied models such as
+    the demo target). Without a draft vocabulary the matrix is used by reference; with
+    one, its ``[Vd, H]`` rows are gathered once.
+
+    Example: ``V = 5``, ``draft_vocab = [1, 4]``: after ``bind(T)`` the head computes
+    ``x @ T[[1, 4]].T``, so logit ``j`` scores target token ``draft_vocab[j]``.
+    """
+
+    def __init__(self, vocab_size: int, draft_vocab: list[int] | None) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.draft_vocab = draft_vocab
+        self.rows: torch.Tensor | None = None  # [Vd, H], not a buffer: never saved
+
+    @torch.no_grad()
+    def bind(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Use ``weight [V, H]`` (the target's output head) from now on."""
+        if weight.dim() != 2 or weight.shape[0] < self.vocab_size:
+            raise ValueError(
+                f"target head must be [V>={self.vocab_size}, H], got {tuple(weight.shape)}")
+        weight = weight[: self.vocab_size].detach()
+        if self.draft_vocab is not None:
+            index = torch.tensor(self.draft_vocab, dtype=torch.int64, device=weight.device)
+            weight = weight.index_select(0, index)  # [Vd, H]
+        self.rows = weight if dtype is None else weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[*, H]`` -> ``[*, Vd]`` logits."""
+        if self.rows is None:
+            raise RuntimeError(
+                "this drafter scores tokens with the target's output head (head='target'); "
+                "call RecurrentDrafter.bind_target_head(target_head_weight) first")
+        return F.linear(x, self.rows)
+
+
 class RecurrentDrafter(nn.Module):
     """ReDrafter's recurrent draft head (see the module docstring for the formulas).
 
@@ -67,7 +110,8 @@ class RecurrentDrafter(nn.Module):
     ``rnn_w.weight`` (no bias)          [H, H]      ``config.rnn``
     ``rnn_u.weight`` / ``.bias``        [H, H]/[H]  ``config.rnn``
     ``layers.{i}.linear.weight/.bias``  [E, E]/[E]  ``i < num_draft_layers``
-    ``lm_head.weight`` (no bias)        [Vd, E]     always
+    ``lm_head.weight`` (no bias)        [Vd, E]     ``head == "drafter"``
+    ``head_proj.weight`` (no bias)      [H, E]      ``head == "target"``
     ``draft_vocab`` (int64 buffer)      [Vd]        ``config.draft_vocab`` is set
     ==================================  ==========  ================================
 
@@ -95,7 +139,13 @@ class RecurrentDrafter(nn.Module):
         self.layers = nn.ModuleList(
             ResBlock(exit_dim) for _ in range(config.num_draft_layers)
         )
-        self.lm_head = nn.Linear(exit_dim, config.draft_vocab_size, bias=False)
+        self.head_proj: nn.Linear | None = None
+        self.lm_head: nn.Module
+        if config.uses_target_head:
+            self.head_proj = nn.Linear(exit_dim, hidden, bias=False)
+            self.lm_head = TargetHead(config.vocab_size, config.draft_vocab)
+        else:
+            self.lm_head = nn.Linear(exit_dim, config.draft_vocab_size, bias=False)
 
         self.draft_vocab: torch.Tensor | None
         if config.draft_vocab is not None:
@@ -106,7 +156,7 @@ class RecurrentDrafter(nn.Module):
         else:
             self.draft_vocab = None
 
-        if not self.lm_head.weight.is_meta:
+        if not self._reference_param().is_meta:
             self.init_weights(generator)
 
     # ------------------------------------------------------------------ weights
@@ -148,9 +198,25 @@ class RecurrentDrafter(nn.Module):
         """``Vd``."""
         return self.config.draft_vocab_size
 
-    def _param_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+    def _reference_param(self) -> torch.Tensor:
+        """A parameter every architecture has (dtype/device source)."""
+        if self.head_proj is not None:
+            return self.head_proj.weight
         weight = self.lm_head.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
+
+    def _param_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        weight = self._reference_param()
         return weight.dtype, weight.device
+
+    def bind_target_head(self, weight: torch.Tensor) -> None:
+        """Give a ``head="target"`` drafter the target's ``[V, H]`` output matrix (cast to
+        the drafter's dtype). Raises ``ValueError`` for a drafter that owns its head."""
+        if not isinstance(self.lm_head, TargetHead):
+            raise ValueError("bind_target_head: this drafter owns its output head "
+                             "(head='drafter')")
+        self.lm_head.bind(weight, dtype=self._param_dtype_device()[0])
 
     # ---------------------------------------------------------------- inference
 
@@ -207,6 +273,8 @@ class RecurrentDrafter(nn.Module):
             z = self.input_proj(z)  # [*, E]
         for block in self.layers:
             z = block(z)  # [*, E]
+        if self.head_proj is not None:
+            z = self.head_proj(z)  # [*, H], fed to the target's frozen head
         return self.lm_head(z)  # [*, Vd]
 
     def logits(self, hidden: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
@@ -313,7 +381,7 @@ class RecurrentDrafter(nn.Module):
         Example: ``V = 8``, ``draft_vocab = [2, 5, 7]`` gives
         ``[-1, -1, 0, -1, -1, 1, -1, 2]``; without a draft vocab it is ``arange(V)``.
         """
-        device = self.lm_head.weight.device
+        device = self._reference_param().device
         vocab_size = self.config.vocab_size
         if self.draft_vocab is None:
             return torch.arange(vocab_size, dtype=torch.int64, device=device)
@@ -328,5 +396,6 @@ class RecurrentDrafter(nn.Module):
         return (
             f"hidden_size={cfg.hidden_size}, exit_dim={cfg.exit_dim}, "
             f"num_draft_layers={cfg.num_draft_layers}, rnn={cfg.rnn}, "
-            f"vocab_size={cfg.vocab_size}, draft_vocab_size={cfg.draft_vocab_size}"
+            f"vocab_size={cfg.vocab_size}, draft_vocab_size={cfg.draft_vocab_size}, "
+            f"head={cfg.head}"
         )

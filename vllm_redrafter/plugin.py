@@ -7,6 +7,11 @@ depend on driver-only state. It checks the installed vLLM version, applies the g
 listed in :mod:`vllm_redrafter.integration.patches`, and logs exactly one INFO line saying what
 it did, or why it refused.
 
+It never takes vLLM down: if anything fails while it loads (a patch guard finding vLLM's
+internals moved, an import error), the patches it applied are rolled back, vLLM is left as
+it was, one WARNING line names the cause, and only a request for ``method: redrafter`` is
+then refused (with that cause); every other use of vLLM is unaffected.
+
 Switch it off with ``VLLM_REDRAFTER_ENABLED=0`` (or use vLLM's ``VLLM_PLUGINS`` allow-list).
 """
 
@@ -33,13 +38,31 @@ def status() -> dict[str, str]:
     return dict(_state)
 
 
-def _install_refusal_guard() -> None:
-    """Best effort: make a ReDrafter config fail with a clear version error (no patches
-    are applied on an unsupported vLLM, so vLLM's own error would be unrelated)."""
-    try:
-        from vllm_redrafter.integration import patches
+def unavailable_reason() -> str | None:
+    """Why ReDrafter cannot serve in this process (``None`` when it can or the plugin
+    has not run): the text the refusal guard puts in its error."""
+    state = _state.get("status")
+    if state == "refused":
+        low, high = SUPPORTED_VLLM_RANGE
+        return (f"vllm-redrafter {__version__} supports vLLM >={low},<{high}, but "
+                f"{_state.get('detail')} is installed. Install a supported vLLM or a "
+                "vllm-redrafter release for this vLLM.")
+    if state == "failed":
+        return (f"vllm-redrafter {__version__} could not load into this vLLM "
+                f"({_state.get('detail')}); vLLM was left unpatched. Report this with "
+                "your vLLM version, or pin a supported vLLM.")
+    return None
 
-        patches.ensure_applied("refusal-guard")
+
+def _install_refusal_guard(reason: str) -> None:
+    """Best effort: make a ReDrafter config fail with a clear error naming why the plugin
+    is unavailable (no patches are applied then, so vLLM's own error would be
+    unrelated)."""
+    try:
+        from vllm_redrafter.integration import hooks, patches
+
+        hooks.set_refusal_reason(reason)
+        patches.ensure_applied(hooks.REFUSAL_GUARD)
     except Exception:  # noqa: BLE001 - unsupported vLLM: never break other methods
         logger.debug("vllm-redrafter: refusal guard not installed", exc_info=True)
 
@@ -63,11 +86,20 @@ def register() -> None:
             "vllm-redrafter %s refused to load in %s: vLLM %s is not supported "
             "(supported: >=%s,<%s). ReDrafter is unavailable; other methods are unaffected.",
             __version__, process, version, *SUPPORTED_VLLM_RANGE)
-        _install_refusal_guard()
+        _install_refusal_guard(unavailable_reason() or "")
         return
-    from vllm_redrafter.integration import patches
+    try:
+        from vllm_redrafter.integration import patches
 
-    applied = patches.apply_all()
+        applied = patches.apply_all()  # all or nothing
+    except Exception as exc:  # noqa: BLE001 - the plugin must never take vLLM down
+        _state.update(status="failed", detail=f"{type(exc).__name__}: {exc}")
+        logger.warning(
+            "vllm-redrafter %s failed to load in %s (vLLM %s): %s: %s. Its patches were "
+            "rolled back; ReDrafter is unavailable, other methods are unaffected.",
+            __version__, process, version, type(exc).__name__, exc)
+        _install_refusal_guard(unavailable_reason() or "")
+        return
     _state.update(status="active", detail=",".join(applied))
     logger.info("vllm-redrafter %s active in %s (vLLM %s); patches: %s", __version__,
                 process, version, ", ".join(applied) or "none")

@@ -122,6 +122,7 @@ def train_overfit_drafter(
     out_dir: Path,
     steps: int = 400,
     seed: int = 0,
+    head: str = "drafter",
 ) -> tuple[Path, float]:
     """Train a small drafter until it memorises ``sequences`` (teacher forcing, CE).
 
@@ -130,7 +131,8 @@ def train_overfit_drafter(
     proposer) and has a narrow ResBlock (``exit_dim = 64``, so an ``input_proj``). Only
     positions from the last prompt token onwards are trained: those are the contexts
     vLLM drafts from. Returns the checkpoint and the final top-1 accuracy over all
-    drafter steps and trained positions.
+    drafter steps and trained positions. ``head="target"`` trains a ``head_proj`` in
+    front of the target's own (untied, scaled) ``lm_head`` instead of an own head.
     """
     from transformers import LlamaForCausalLM
 
@@ -163,9 +165,12 @@ def train_overfit_drafter(
         num_draft_layers=1,
         rnn=True,
         draft_vocab=draft_vocab,
+        head=head,
     )
     torch.manual_seed(seed)
     drafter = RecurrentDrafter(config, generator=torch.Generator().manual_seed(seed))
+    if head == "target":
+        drafter.bind_target_head(target.lm_head.weight)
     optimizer = torch.optim.Adam(drafter.parameters(), lr=1e-2)
     mask = labels != -100
     accuracy = 0.0
@@ -315,6 +320,10 @@ def tiny_assets(root: Path) -> dict[str, Any]:
         overfit_dir, accuracy = train_overfit_drafter(
             target_dir, sequences, PROMPT_TOKENS, root / "overfit-drafter"
         )
+        target_head_dir, head_accuracy = train_overfit_drafter(
+            target_dir, sequences, PROMPT_TOKENS, root / "target-head-drafter",
+            head="target"
+        )
     random_dir = save_random_drafter(
         root / "random-drafter", TINY_LLAMA["hidden_size"], TINY_LLAMA["vocab_size"]
     )
@@ -322,8 +331,10 @@ def tiny_assets(root: Path) -> dict[str, Any]:
         "target_dir": str(target_dir),
         "overfit_dir": str(overfit_dir),
         "random_dir": str(random_dir),
+        "target_head_dir": str(target_head_dir),
         "prompts": prompts,
         "train_accuracy": accuracy,
+        "target_head_accuracy": head_accuracy,
     }
     marker.write_text(json.dumps(info))
     return {k: Path(v) if k.endswith("_dir") else v for k, v in info.items()}

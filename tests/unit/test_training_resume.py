@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -25,23 +26,25 @@ def _rows(generator) -> RowSet:
     return RowSet.from_shards(shards, 3)
 
 
-def _cfg() -> TrainConfig:
-    return TrainConfig(num_steps=3, exit_dim=12, num_layers=1, lr=3e-3, dropout=0.1,
+def _cfg(**extra) -> TrainConfig:
+    return TrainConfig(**extra, num_steps=3, exit_dim=12, num_layers=1, lr=3e-3, dropout=0.1,
                        weight_decay=0.01, epochs=2, batch_tokens=16, heldout_fraction=0.2,
                        draft_vocab_size=24, eval_every=4, eval_rows=64, accept_rows=16,
                        beam_width=2, save_every=3, amp=False, export_dtype="float32")
 
 
-def test_resume_reaches_the_same_result(tmp_path, generator):
+@pytest.mark.parametrize("extra", [{}, {"head": "target", "soft_weight": 0.5}],
+                         ids=["own-head-hard", "target-head-soft"])
+def test_resume_reaches_the_same_result(tmp_path, generator, extra):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a busy machine
     try:
-        _resume(tmp_path, generator)
+        _resume(tmp_path, generator, extra)
     finally:
         torch.set_num_threads(threads)
 
 
-def _resume(tmp_path, generator):
+def _resume(tmp_path, generator, extra):
     target = tmp_path / "target"
     target.mkdir()
     (target / "config.json").write_text(json.dumps({"eos_token_id": 2,
@@ -49,12 +52,12 @@ def _resume(tmp_path, generator):
     rows = _rows(generator)
     table = torch.randn(V, H, generator=generator)  # [V, H]
 
-    full = train_drafter(target, rows, tmp_path / "full", _cfg(), embed_table=table,
+    full = train_drafter(target, rows, tmp_path / "full", _cfg(**extra), embed_table=table,
                          progress=False)
-    part = train_drafter(target, rows, tmp_path / "part", _cfg(), embed_table=table,
+    part = train_drafter(target, rows, tmp_path / "part", _cfg(**extra), embed_table=table,
                          stop_after=5, progress=False)
     assert part["stopped_at"] == 5
-    resumed = train_drafter(target, rows, tmp_path / "part", _cfg(), embed_table=table,
+    resumed = train_drafter(target, rows, tmp_path / "part", _cfg(**extra), embed_table=table,
                             progress=False)
     assert resumed["total_steps"] == full["total_steps"]
     a = load_file(str(tmp_path / "full" / "drafter" / "model.safetensors"))
@@ -65,6 +68,7 @@ def _resume(tmp_path, generator):
     assert full["final_eval"]["heldout"]["top1"] == resumed["final_eval"]["heldout"]["top1"]
 
     drafter = load_drafter(tmp_path / "full" / "drafter")
+    assert drafter.config.head == extra.get("head", "drafter")
     assert drafter.config.draft_vocab_size == 24
     assert 2 in drafter.config.draft_vocab  # EOS is always in the draft vocabulary
     assert (tmp_path / "full" / "curves.png").stat().st_size > 0

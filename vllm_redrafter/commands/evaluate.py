@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).eval()
     drafter = load_drafter(args.drafter, dtype=dtype).eval()
+    if drafter.config.uses_target_head:
+        drafter.bind_target_head(target.get_output_embeddings().weight)
     categories = _categories(Path(args.questions))
     from vllm_redrafter.training.data import iter_generations
 

@@ -40,7 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rnn", action=argparse.BooleanOptionalAction, default=d.rnn)
     g.add_argument("--draft-vocab", type=_none_or_int, default=d.draft_vocab_size,
                    help="draft vocabulary size by token frequency ('full' = target's)")
+    g.add_argument("--head", choices=["drafter", "target"], default=d.head,
+                   help="output head: the drafter's own Linear(E, Vd), or a learned "
+                        "Linear(E, H) in front of the target's frozen head")
     g = parser.add_argument_group("optimisation")
+    g.add_argument("--soft-weight", type=float, default=d.soft_weight,
+                   help="weight in [0, 1] of the soft-label term (cross-entropy against the "
+                        "target's distribution from the cached hidden states)")
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
     g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=d.schedule)
@@ -98,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
                       grad_clip=args.grad_clip, epochs=args.epochs,
                       batch_tokens=args.batch_tokens, heldout_fraction=args.heldout_fraction,
                       seed=args.seed, draft_vocab_size=args.draft_vocab,
+                      head=args.head, soft_weight=args.soft_weight,
                       eval_every=args.eval_every, eval_rows=args.eval_rows,
                       accept_rows=args.accept_rows, beam_width=args.beam_width, topk=args.topk,
                       save_every=args.save_every, amp=not args.no_amp,

@@ -28,7 +28,6 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from vllm_redrafter import SUPPORTED_VLLM_RANGE, __version__
 from vllm_redrafter.integration import compat, spec_config
 from vllm_redrafter.integration import runner as runner_state
 from vllm_redrafter.integration.patches import (
@@ -388,6 +387,13 @@ register_patch(
 
 REFUSAL_GUARD = "refusal-guard"
 
+_refusal = {"reason": "the vllm-redrafter plugin is not active in this process"}
+
+
+def set_refusal_reason(reason: str) -> None:
+    """The cause the refusal guard's error names (set by the plugin before installing)."""
+    _refusal["reason"] = reason
+
 
 def _apply_refusal_guard() -> None:
     """Installed only when the plugin refused the vLLM version: best effort, no checks
@@ -405,13 +411,8 @@ def _apply_refusal_guard() -> None:
         if spec_config.is_redrafter_request(view) or spec_config.is_custom_class_request(
             view
         ):
-            low, high = SUPPORTED_VLLM_RANGE
             raise RuntimeError(
-                f"ReDrafter speculative decoding is unavailable: vllm-redrafter "
-                f"{__version__} supports vLLM >={low},<{high}, but vLLM "
-                f"{compat.vllm_version()} is installed. Install a supported vLLM or a "
-                "vllm-redrafter release for this vLLM."
-            )
+                f"ReDrafter speculative decoding is unavailable: {_refusal['reason']}")
         return original(self, *args, **kwargs)
 
     EngineArgs.create_speculative_config = mark_patched(create_speculative_config, REFUSAL_GUARD)
@@ -421,11 +422,12 @@ register_patch(
     Patch(
         name=REFUSAL_GUARD,
         target="vllm.engine.arg_utils.EngineArgs.create_speculative_config",
-        why="On an unsupported vLLM the plugin applies none of its patches, so a "
-        "ReDrafter config would fail with an unrelated pydantic error.",
-        how="Only when the plugin refuses the vLLM version: a wrapper that raises a "
-        "RuntimeError naming the installed and supported versions if the speculative "
-        "config asks for ReDrafter, and calls the original otherwise.",
+        why="On an unsupported vLLM, or when a patch failed at plugin load (all were "
+        "rolled back), the plugin applies none of its patches, so a ReDrafter config "
+        "would fail with an unrelated pydantic error.",
+        how="Only when the plugin refused the vLLM version or failed to load: a wrapper "
+        "that raises a RuntimeError naming the cause (versions, or the failed patch) if "
+        "the speculative config asks for ReDrafter, and calls the original otherwise.",
         remove_when="Never needed on supported versions; remove with the version gate.",
         apply=_apply_refusal_guard,
         stage="refused",

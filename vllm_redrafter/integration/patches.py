@@ -68,12 +68,66 @@ def _load_ledger() -> None:
     from vllm_redrafter.integration import hooks  # noqa: F401
 
 
+_MISSING = object()
+
+
+def _resolve_owner(dotted: str) -> tuple[Any, str]:
+    """``(owner object, attribute name)`` of a ledger ``target`` such as
+    ``"vllm.engine.arg_utils.EngineArgs.from_cli_args"``: the longest importable module
+    prefix, then attribute lookups. Raises ``ImportError``/``AttributeError`` if absent."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            owner: Any = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:-1]:
+            owner = getattr(owner, name)
+        return owner, parts[-1]
+    raise ImportError(f"cannot import any module prefix of {dotted!r}")
+
+
+def _snapshot(patch: Patch) -> Callable[[], None]:
+    """An undo for ``patch``: restores its target attribute exactly as found (the raw
+    ``__dict__`` entry, so staticmethod/classmethod wrappers come back unchanged)."""
+    try:
+        owner, attr = _resolve_owner(patch.target)
+    except (ImportError, AttributeError):
+        return lambda: None  # nothing there to change, nothing to restore
+    raw = vars(owner).get(attr, _MISSING) if hasattr(owner, "__dict__") else _MISSING
+
+    def undo() -> None:
+        if raw is _MISSING:
+            if attr in vars(owner):
+                delattr(owner, attr)
+        else:
+            setattr(owner, attr, raw)
+
+    return undo
+
+
 def apply_all() -> list[str]:
-    """Apply every ledger patch once in this process; return the names applied so far."""
+    """Apply every plugin-stage ledger patch once in this process, all or nothing.
+
+    Returns the names applied so far. If one patch fails, the patches this call applied
+    are undone (each target restored to the object found before) and the error is
+    re-raised, so vLLM is left exactly as it was.
+    """
     _load_ledger()
-    for patch in LEDGER:
-        if patch.stage == "plugin":
-            _apply_one(patch)
+    undo: list[tuple[str, Callable[[], None]]] = []
+    try:
+        for patch in LEDGER:
+            if patch.stage == "plugin" and patch.name not in _applied:
+                restore = _snapshot(patch)
+                _apply_one(patch)
+                undo.append((patch.name, restore))
+    except BaseException:
+        for name, restore in reversed(undo):
+            restore()
+            _applied.remove(name)
+        raise
     return list(_applied)
 
 

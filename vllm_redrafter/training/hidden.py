@@ -66,6 +66,25 @@ def load_target_embeddings(target: str | Path) -> torch.Tensor:
     raise FileNotFoundError(f"no embed_tokens.weight in {target}")
 
 
+def load_target_head(target: str | Path, embed_table: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """``[V, H]`` the target's output head: ``lm_head.weight`` from its safetensors, or the
+    input embedding table when the target ties them (``tie_word_embeddings``, or no
+    ``lm_head.weight`` stored, as for the demo target)."""
+    from safetensors import safe_open
+
+    target = Path(target)
+    cfg_path = target / "config.json"
+    tied = json.loads(cfg_path.read_text()).get("tie_word_embeddings", False) \
+        if cfg_path.is_file() else False
+    if not tied:
+        for f in sorted(target.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                if "lm_head.weight" in st.keys():
+                    return st.get_tensor("lm_head.weight")
+    return embed_table if embed_table is not None else load_target_embeddings(target)
+
+
 @torch.inference_mode()
 def hidden_rows(model, seqs: list[tuple[list[int], int]], max_batch_tokens: int,
                 out_dtype: torch.dtype) -> list[torch.Tensor]:

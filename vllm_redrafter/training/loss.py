@@ -109,3 +109,52 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     top = logits.topk(max(ks), dim=-1).indices  # [N, n, kmax]
     hit = top == labels.unsqueeze(-1)  # [N, n, kmax]
     return {k: hit[..., :k].any(-1).sum(0) for k in ks}
+
+
+def distill_loss(logits: torch.Tensor, labels: torch.Tensor,
+                 teacher_logits: torch.Tensor | None = None,
+                 teacher_valid: torch.Tensor | None = None,
+                 soft_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's loss: per step, ``(1 - a) * hard CE + a * soft CE``, summed over steps.
+
+    The hard term is the cross-entropy against the target's greedy token (``labels``,
+    ``IGNORE`` outside the draft vocabulary or past the end); the soft term is the
+    cross-entropy against the target's own next-token distribution over the draft
+    vocabulary, ``softmax(teacher_logits)``, which equals ``KL(target || drafter)`` up to
+    the target's entropy (a constant). Each term is a mean over its valid rows.
+
+    Args:
+        logits: ``[N, n, Vd]`` drafter logits.
+        labels: ``[N, n]`` draft ids or ``IGNORE``.
+        teacher_logits: ``[N, n, Vd]`` the target's logits at each step's label position
+            (only read when ``soft_weight > 0``).
+        teacher_valid: ``[N, n]`` bool, rows with a label position inside the sequence.
+        soft_weight: ``a`` in ``[0, 1]``.
+
+    Returns:
+        ``(loss [], per_step [n])`` (``per_step`` detached).
+
+    Example: ``soft_weight = 0`` is Apple's loss (:func:`multistep_loss`); with
+    ``soft_weight = 1`` and a one-hot teacher the two coincide.
+    """
+    if not 0.0 <= soft_weight <= 1.0:
+        raise ValueError(f"soft_weight must be in [0, 1], got {soft_weight}")
+    n, vocab = logits.shape[1], logits.shape[-1]
+    logits = logits.float()
+    per_step = logits.new_zeros(n)
+    if soft_weight < 1.0:
+        ce = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1),
+                             ignore_index=IGNORE, reduction="none").view(labels.shape)  # [N, n]
+        valid = (labels != IGNORE).float()  # [N, n]
+        per_step = per_step + (1.0 - soft_weight) * (ce * valid).sum(0) / valid.sum(0).clamp(min=1)
+    if soft_weight > 0.0:
+        if teacher_logits is None or teacher_valid is None:
+            raise ValueError("soft_weight > 0 needs teacher_logits and teacher_valid")
+        tv = teacher_valid.float()  # [N, n]
+        soft = []
+        for i in range(n):  # one step at a time: bounds the [N, Vd] temporaries
+            probs = torch.softmax(teacher_logits[:, i].float(), dim=-1)  # [N, Vd]
+            ce_i = -(probs * torch.log_softmax(logits[:, i], dim=-1)).sum(-1)  # [N]
+            soft.append((ce_i * tv[:, i]).sum() / tv[:, i].sum().clamp(min=1))
+        per_step = per_step + soft_weight * torch.stack(soft)
+    return per_step.sum(), per_step.detach()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_redrafter.logger import get_logger
-from vllm_redrafter.training.loss import IGNORE, row_windows
+from vllm_redrafter.training.loss import IGNORE, distill_loss, row_windows
 
 logger = get_logger(__name__)
 
@@ -56,6 +56,8 @@ class TrainConfig:
     heldout_fraction: float = 0.05
     seed: int = 0
     draft_vocab_size: int | None = 16384
+    head: str = "drafter"  # drafter: own Linear(E, Vd); target: head_proj + target's frozen head
+    soft_weight: float = 0.0  # weight of the soft (target distribution) term of the loss
     eval_every: int = 200
     eval_rows: int = 20000
     accept_rows: int = 1000
@@ -156,6 +158,35 @@ def draft_labels(windows: torch.Tensor, t2d: torch.Tensor,
     acc = torch.where(tgt >= 0, acc, torch.full_like(acc, IGNORE))
     loss = torch.where(acc >= 0, acc, torch.full_like(acc, IGNORE))
     return loss, acc
+
+
+@torch.no_grad()
+def teacher_logits(hidden: torch.Tensor, rows: torch.Tensor, windows: torch.Tensor,
+                   head_rows: torch.Tensor, num_steps: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's logits at each step's label position, from the cached hidden states.
+
+    Step ``i`` of row ``r`` predicts the token the target emitted after hidden row
+    ``r + i + 1`` (same sequence), so the target's distribution there is
+    ``head_rows @ hidden[r + i + 1]``.
+
+    Args:
+        hidden: ``[T, H]`` all cached rows of the data set.
+        rows: ``[N]`` the batch's row indices.
+        windows: ``[N, n+1]`` their token windows (``-1`` past the sequence's end).
+        head_rows: ``[Vd, H]`` the target's output head over the draft vocabulary.
+
+    Returns:
+        ``(logits [N, n, Vd], valid [N, n])``; invalid rows hold finite garbage.
+
+    Example: rows ``[7]``, windows ``[[a, b, c, -1]]`` (n = 3): label rows 8, 9, 10,
+    valid ``[True, True, False]``.
+    """
+    valid = windows[:, 1:num_steps + 1] >= 0  # [N, n]
+    label_rows = rows[:, None] + 1 + torch.arange(num_steps)[None]  # [N, n]
+    label_rows = label_rows.clamp(max=hidden.shape[0] - 1)
+    h = hidden[label_rows].to(head_rows.dtype)  # [N, n, H]
+    return F.linear(h, head_rows), valid  # [N, n, Vd]
 
 
 def lr_factor(progress: float, cfg: TrainConfig) -> float:
@@ -269,7 +300,7 @@ def train_drafter(target: str | Path, train_data: RowSet, out_dir: str | Path, c
     from vllm_redrafter.checkpoint import save_drafter
     from vllm_redrafter.config import DrafterConfig, ReDrafterOptions
     from vllm_redrafter.drafter import RecurrentDrafter
-    from vllm_redrafter.training.hidden import load_target_embeddings
+    from vllm_redrafter.training.hidden import load_target_embeddings, load_target_head
     from vllm_redrafter.training.vocab import (choose_draft_vocab, coverage, target_to_draft,
                                                token_counts)
 
@@ -303,9 +334,18 @@ def train_drafter(target: str | Path, train_data: RowSet, out_dir: str | Path, c
         cov[name] = coverage(token_counts(rs.tokens, vocab_size), draft_vocab)
     dcfg = DrafterConfig(hidden_size=hidden_size, vocab_size=vocab_size,
                          exit_dim=cfg.exit_dim or 2 * hidden_size,
-                         num_draft_layers=cfg.num_layers, rnn=cfg.rnn, draft_vocab=draft_vocab)
+                         num_draft_layers=cfg.num_layers, rnn=cfg.rnn, draft_vocab=draft_vocab,
+                         head=cfg.head)
     torch.manual_seed(cfg.seed)
     model = RecurrentDrafter(dcfg, generator=torch.Generator().manual_seed(cfg.seed))
+    head_rows = None  # [Vd, H] the target's head over the draft vocabulary (bf16)
+    if dcfg.uses_target_head or cfg.soft_weight > 0:
+        target_head = load_target_head(target, embed_table)  # [V, H]
+        if dcfg.uses_target_head:
+            model.bind_target_head(target_head)
+        vocab_index = torch.tensor(draft_vocab) if draft_vocab is not None else None
+        head_rows = (target_head if vocab_index is None else target_head[vocab_index])
+        head_rows = head_rows.to(torch.bfloat16 if cfg.amp else torch.float32)
     model.train()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -399,16 +439,15 @@ def train_drafter(target: str | Path, train_data: RowSet, out_dir: str | Path, c
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp):
             logits = all_step_logits(model, embed_table, hid, win, n, cfg.dropout,
                                      training=True)  # [N, n, Vd]
-        logits = logits.float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), loss_lab.reshape(-1),
-                             ignore_index=IGNORE, reduction="none").view(loss_lab.shape)  # [N, n]
-        valid = (loss_lab != IGNORE).float()  # [N, n]
-        per_step = (ce * valid).sum(0) / valid.sum(0).clamp(min=1)  # [n]
-        total_loss = per_step.sum()
+        teacher, teacher_ok = None, None
+        if cfg.soft_weight > 0:
+            teacher, teacher_ok = teacher_logits(train_data.hidden, idx, win, head_rows, n)
+        total_loss, per_step = distill_loss(logits, loss_lab, teacher, teacher_ok,
+                                            cfg.soft_weight)  # [], [n]
         with torch.no_grad():
             run_loss += per_step.detach()
             counted = acc_lab != IGNORE  # [N, n]
-            run_hit += ((logits.argmax(-1) == acc_lab) & counted).sum(0).float()
+            run_hit += ((logits.detach().argmax(-1) == acc_lab) & counted).sum(0).float()
             run_cnt += counted.sum(0).float()
         opt.zero_grad(set_to_none=True)
         total_loss.backward()
