@@ -338,20 +338,54 @@ class RecurrentDrafter(nn.Module):
                 f"token_embeds must have hidden's shape {tuple(hidden.shape)}, "
                 f"got {tuple(token_embeds.shape)}"
             )
-        seq_len = hidden.shape[1]
+        bsz, seq_len, width = hidden.shape
+        # windows[:, t, i] = token_embeds[:, t + i + 1] (zeros past the end): [B, S, n, H]
+        padded = torch.cat([token_embeds, token_embeds.new_zeros(bsz, num_steps + 1, width)],
+                           dim=1)  # [B, S + n + 1, H]
+        windows = torch.stack(
+            [padded[:, i + 1: i + 1 + seq_len] for i in range(num_steps)], dim=2
+        )  # [B, S, n, H]
+        logits = self.forward_rows(
+            hidden.reshape(bsz * seq_len, width), windows.reshape(bsz * seq_len, num_steps, width)
+        )  # [B*S, n, Vd]
+        return logits.view(bsz, seq_len, num_steps, -1).transpose(1, 2)  # [B, n, S, Vd]
+
+    def forward_rows(
+        self, hidden: torch.Tensor, step_embeds: torch.Tensor, dropout: float = 0.0
+    ) -> torch.Tensor:
+        """Teacher-forced logits in the *row* layout (the trainer's): one example per row.
+
+        Row ``r`` holds ``h_t`` and the embeddings of ``x_{t+1} .. x_{t+n}``; step ``i``
+        has consumed ``x_{t+1} .. x_{t+i+1}`` and predicts ``x_{t+i+2}``. The recurrence
+        runs step by step; the head (the expensive part) runs once on all steps.
+
+        Example: ``n = 2``, one row with ``h`` and embeddings ``[Eb, Ec]``: step 0 scores
+        the token after ``b`` from ``(h, s1 = f(Eb))``, step 1 the token after ``c`` from
+        ``(h, s2 = f(Ec, s1))``.
+
+        Args:
+            hidden: ``[N, H]`` target hidden states.
+            step_embeds: ``[N, n, H]`` input embeddings (zeros where past the end).
+            dropout: dropout probability on the head's input features (training only).
+
+        Returns:
+            ``[N, n, Vd]`` logits.
+        """
+        num_steps = step_embeds.shape[1]
         state = self.initial_state(
-            hidden.shape[:-1], dtype=hidden.dtype, device=hidden.device
-        )  # [B, S, H]
-        step_logits = []
+            (hidden.shape[0],), dtype=hidden.dtype, device=hidden.device
+        )  # [N, H]
+        states = []
         for step in range(num_steps):
-            shift = step + 1
-            shifted = torch.zeros_like(token_embeds)  # [B, S, H]
-            if shift < seq_len:
-                # shifted[:, t] = token_embeds[:, t + shift] for t + shift < S, else 0
-                shifted[:, : seq_len - shift] = token_embeds[:, shift:]
-            state = self.update_state(state, shifted)  # [B, S, H]
-            step_logits.append(self.logits(hidden, state))  # [B, S, Vd]
-        return torch.stack(step_logits, dim=1)  # [B, num_steps, S, Vd]
+            state = self.update_state(state, step_embeds[:, step])  # [N, H]
+            states.append(state)
+        stacked = torch.stack(states, dim=1)  # [N, n, H]
+        features = torch.cat(
+            [hidden.unsqueeze(1).expand_as(stacked), stacked], dim=-1
+        )  # [N, n, 2H], hidden FIRST
+        if dropout > 0 and self.training:
+            features = F.dropout(features, dropout, training=True)
+        return self.head(features)  # [N, n, Vd]
 
     def forward(
         self, hidden: torch.Tensor, token_embeds: torch.Tensor, num_steps: int

@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,42 +32,9 @@ import torch.nn.functional as F
 
 from vllm_redrafter.logger import get_logger
 from vllm_redrafter.training.loss import IGNORE, distill_loss, row_windows
+from vllm_redrafter.training.options import TrainConfig
 
 logger = get_logger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of :func:`train_drafter` (saved in the checkpoint and the run dir)."""
-
-    num_steps: int = 4  # drafter steps = beam length - 1
-    exit_dim: int | None = None  # None: 2 * H (no input_proj)
-    num_layers: int = 2
-    rnn: bool = True
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.05
-    warmup_ratio: float = 0.03
-    schedule: str = "cosine"  # cosine | linear | constant
-    weight_decay: float = 0.0
-    dropout: float = 0.0
-    grad_clip: float = 1.0
-    epochs: float = 1.0
-    batch_tokens: int = 2048  # rows (positions) per optimiser step
-    heldout_fraction: float = 0.05
-    seed: int = 0
-    draft_vocab_size: int | None = 16384
-    head: str = "drafter"  # drafter: own Linear(E, Vd); target: head_proj + target's frozen head
-    soft_weight: float = 0.0  # weight of the soft (target distribution) term of the loss
-    eval_every: int = 200
-    eval_rows: int = 20000
-    accept_rows: int = 1000
-    beam_width: int = 4
-    topk: int = 5
-    save_every: int = 100
-    amp: bool = True  # bf16 autocast on CPU (AMX) / GPU
-    time_budget_min: float | None = None  # also end (annealed) when this much time is spent
-    export_dtype: str = "bfloat16"
-    extra: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- data
@@ -128,22 +95,12 @@ def step_logits(model, embed_table: torch.Tensor, hidden: torch.Tensor, windows:
 def all_step_logits(model, embed_table: torch.Tensor, hidden: torch.Tensor,
                     windows: torch.Tensor, num_steps: int, dropout: float = 0.0,
                     training: bool = False) -> torch.Tensor:
-    """``[N, n, Vd]`` logits of all drafter steps; the recurrence runs step by step, the head
-    (the expensive part) runs once on all steps' features."""
+    """``[N, n, Vd]`` logits of all drafter steps for token windows (``-1`` past the end):
+    the target's embeddings looked up, then :meth:`RecurrentDrafter.forward_rows`."""
     inp = windows[:, :num_steps]  # [N, n]
     emb = embed_table[inp.clamp(min=0)].to(hidden.dtype)  # [N, n, H]
-    emb = emb * (inp >= 0).unsqueeze(-1).to(emb.dtype)
-    state = model.initial_state((hidden.shape[0],), dtype=hidden.dtype,
-                                device=hidden.device)  # [N, H]
-    states = []
-    for i in range(num_steps):
-        state = model.update_state(state, emb[:, i])  # [N, H]
-        states.append(state)
-    st = torch.stack(states, dim=1)  # [N, n, H]
-    feats = torch.cat([hidden.unsqueeze(1).expand_as(st), st], dim=-1)  # [N, n, 2H], h first
-    if dropout > 0 and training:
-        feats = F.dropout(feats, dropout, training=True)
-    return model.head(feats)  # [N, n, Vd]
+    emb = emb * (inp >= 0).unsqueeze(-1).to(emb.dtype)  # zeros past the end
+    return model.forward_rows(hidden, emb, dropout if training else 0.0)  # [N, n, Vd]
 
 
 def draft_labels(windows: torch.Tensor, t2d: torch.Tensor,
@@ -372,7 +329,7 @@ def train_drafter(target: str | Path, train_data: RowSet, out_dir: str | Path, c
             return {k: v for k, v in a.items() if k not in skip} == \
                 {k: v for k, v in b.items() if k not in skip}
 
-        if not _same(ck["config"], asdict(cfg)) or ck["draft_vocab"] != draft_vocab:
+        if not _same(ck["config"], cfg.model_dump()) or ck["draft_vocab"] != draft_vocab:
             raise ValueError(f"{ckpt_path} was written with a different configuration or data; "
                              "use a new --out or delete it")
         model.load_state_dict(ck["model"])
@@ -380,13 +337,13 @@ def train_drafter(target: str | Path, train_data: RowSet, out_dir: str | Path, c
         torch.set_rng_state(ck["rng"])
         step, history, elapsed_before = ck["step"], ck["history"], ck.get("elapsed", 0.0)
         logger.info("train: resumed from %s at step %d/%d", ckpt_path, step, total)
-    (out_dir / "train_config.json").write_text(json.dumps({"config": asdict(cfg), **info},
+    (out_dir / "train_config.json").write_text(json.dumps({"config": cfg.model_dump(), **info},
                                                           indent=2))
 
     def save_ckpt() -> None:
         _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                             "rng": torch.get_rng_state(), "step": step, "history": history,
-                            "config": asdict(cfg), "draft_vocab": draft_vocab,
+                            "config": cfg.model_dump(), "draft_vocab": draft_vocab,
                             "elapsed": elapsed_before + time.perf_counter() - t_start},
                            ckpt_path)
 
