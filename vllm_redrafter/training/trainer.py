@@ -24,7 +24,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -243,6 +244,137 @@ def _read_target_config(target: str | Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
+@dataclass
+class DataPlan:
+    """The deterministic split and draft vocabulary of a run (from the data and the seed)."""
+
+    held_seq: torch.Tensor  # [n_seq] bool, held-out sequences
+    train_rows: torch.Tensor  # [R] row indices trained on
+    held_rows: torch.Tensor  # [R'] held-out row indices
+    draft_vocab: list[int] | None
+    t2d: torch.Tensor  # [V] target id -> draft id (-1 outside)
+    coverage: dict[str, float]
+
+
+def plan_data(train_data: RowSet, cfg: TrainConfig, vocab_size: int, eos: Any,
+              extra_eval: dict[str, RowSet]) -> DataPlan:
+    """Held-out sequences, training rows and the draft vocabulary (most frequent tokens of
+    the training responses, plus EOS), with the vocabulary's coverage of every set."""
+    from vllm_redrafter.training.vocab import (choose_draft_vocab, coverage, target_to_draft,
+                                               token_counts)
+
+    held_seq = split_sequences(len(train_data.ids), cfg.heldout_fraction, cfg.seed)  # [n_seq]
+    train_rows = train_data.rows_of(~held_seq)  # [R]
+    held_rows = train_data.rows_of(held_seq)
+    counts = token_counts(train_data.tokens[(~held_seq)[train_data.seq]], vocab_size)  # [V]
+    always = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+    draft_vocab = choose_draft_vocab(counts, cfg.draft_vocab_size, always=always)
+    cov = {"train": coverage(counts, draft_vocab)}
+    if held_rows.numel():
+        cov["heldout"] = coverage(
+            token_counts(train_data.tokens[held_seq[train_data.seq]], vocab_size), draft_vocab)
+    for name, rs in extra_eval.items():
+        cov[name] = coverage(token_counts(rs.tokens, vocab_size), draft_vocab)
+    return DataPlan(held_seq, train_rows, held_rows, draft_vocab,
+                    target_to_draft(draft_vocab, vocab_size), cov)
+
+
+def build_model(cfg: TrainConfig, target: str | Path, embed_table: torch.Tensor,
+                draft_vocab: list[int] | None):
+    """``(drafter, head_rows)``: a freshly initialised drafter (target head bound when
+    ``head="target"``) and the target's ``[Vd, H]`` head rows used by the soft labels
+    (``None`` when neither needs them)."""
+    from vllm_redrafter.config import DrafterConfig
+    from vllm_redrafter.drafter import RecurrentDrafter
+    from vllm_redrafter.training.hidden import load_target_head
+
+    vocab_size, hidden_size = embed_table.shape
+    dcfg = DrafterConfig(hidden_size=hidden_size, vocab_size=vocab_size,
+                         exit_dim=cfg.exit_dim or 2 * hidden_size,
+                         num_draft_layers=cfg.num_layers, rnn=cfg.rnn, draft_vocab=draft_vocab,
+                         head=cfg.head)
+    torch.manual_seed(cfg.seed)
+    model = RecurrentDrafter(dcfg, generator=torch.Generator().manual_seed(cfg.seed))
+    head_rows = None  # [Vd, H]
+    if dcfg.uses_target_head or cfg.soft_weight > 0:
+        target_head = load_target_head(target, embed_table)  # [V, H]
+        if dcfg.uses_target_head:
+            model.bind_target_head(target_head)
+        if draft_vocab is not None:
+            target_head = target_head[torch.tensor(draft_vocab)]  # [Vd, H]
+        head_rows = target_head.to(torch.bfloat16 if cfg.amp else torch.float32)
+    return model, head_rows
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (β = 0.9, 0.98); no weight decay on biases."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                             betas=(0.9, 0.98))
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores besides the weights."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    elapsed_before: float = 0.0
+
+
+def resume(ckpt_path: Path, model, opt, cfg: TrainConfig,
+           draft_vocab: list[int] | None) -> RunState:
+    """Load ``ckpt_path`` into ``model``/``opt`` (and torch's RNG) if it exists; refuse one
+    written with other options (the time budget may change) or another vocabulary."""
+    if not ckpt_path.is_file():
+        return RunState()
+    ck = torch.load(ckpt_path, weights_only=False)
+
+    def comparable(options: dict) -> dict:
+        return {k: v for k, v in options.items() if k != "time_budget_min"}
+
+    if comparable(ck["config"]) != comparable(cfg.model_dump()) or \
+            ck["draft_vocab"] != draft_vocab:
+        raise ValueError(f"{ckpt_path} was written with a different configuration or data; "
+                         "use a new --out or delete it")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["rng"])
+    return RunState(ck["step"], ck["history"], ck.get("elapsed", 0.0))
+
+
+def train_step(model, opt, embed_table: torch.Tensor, data: RowSet, idx: torch.Tensor,
+               t2d: torch.Tensor, head_rows: torch.Tensor | None, cfg: TrainConfig, lr: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimiser step on rows ``idx``: returns ``(per_step_loss [n], top1_hits [n],
+    counted [n])`` (detached)."""
+    n = cfg.num_steps
+    hid = data.hidden[idx].float()  # [N, H]
+    win = data.windows[idx]  # [N, n+1]
+    loss_lab, acc_lab = draft_labels(win, t2d, n)  # [N, n]
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp):
+        logits = all_step_logits(model, embed_table, hid, win, n, cfg.dropout,
+                                 training=True)  # [N, n, Vd]
+    teacher, teacher_ok = None, None
+    if cfg.soft_weight > 0:
+        assert head_rows is not None
+        teacher, teacher_ok = teacher_logits(data.hidden, idx, win, head_rows, n)
+    total_loss, per_step = distill_loss(logits, loss_lab, teacher, teacher_ok,
+                                        cfg.soft_weight)  # [], [n]
+    opt.zero_grad(set_to_none=True)
+    total_loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    counted = acc_lab != IGNORE  # [N, n]
+    hits = ((logits.detach().argmax(-1) == acc_lab) & counted).sum(0).float()
+    return per_step, hits, counted.sum(0).float()
+
+
 def train_drafter(target: str | Path, train_data: RowSet, out_dir: str | Path, cfg: TrainConfig,
                   *, extra_eval: dict[str, RowSet] | None = None,
                   embed_table: torch.Tensor | None = None, stop_after: int | None = None,
@@ -254,17 +386,12 @@ def train_drafter(target: str | Path, train_data: RowSet, out_dir: str | Path, c
     """
     from tqdm import tqdm
 
-    from vllm_redrafter.checkpoint import save_drafter
-    from vllm_redrafter.config import DrafterConfig, ReDrafterOptions
-    from vllm_redrafter.drafter import RecurrentDrafter
-    from vllm_redrafter.training.hidden import load_target_embeddings, load_target_head
-    from vllm_redrafter.training.vocab import (choose_draft_vocab, coverage, target_to_draft,
-                                               token_counts)
+    from vllm_redrafter.training.hidden import load_target_embeddings
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pt"
-    n = cfg.num_steps
+    extra_eval = extra_eval or {}
     tcfg = _read_target_config(target)
     if embed_table is None:
         embed_table = load_target_embeddings(target)  # [V, H]
@@ -272,146 +399,83 @@ def train_drafter(target: str | Path, train_data: RowSet, out_dir: str | Path, c
     if train_data.hidden.shape[1] != hidden_size:
         raise ValueError(f"hidden states have width {train_data.hidden.shape[1]}, target "
                          f"embeddings {hidden_size}")
-
-    # ---- split and draft vocabulary (deterministic from the data and the seed)
-    held_seq = split_sequences(len(train_data.ids), cfg.heldout_fraction, cfg.seed)  # [n_seq]
-    train_rows = train_data.rows_of(~held_seq)  # [R]
-    held_rows = train_data.rows_of(held_seq)
-    train_tok = train_data.tokens[(~held_seq)[train_data.seq]]
-    counts = token_counts(train_tok, vocab_size)  # [V]
-    eos = tcfg.get("eos_token_id")
-    always = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
-    draft_vocab = choose_draft_vocab(counts, cfg.draft_vocab_size, always=always)
-    t2d = target_to_draft(draft_vocab, vocab_size)  # [V]
-    cov = {"train": coverage(counts, draft_vocab)}
-    if held_rows.numel():
-        cov["heldout"] = coverage(
-            token_counts(train_data.tokens[held_seq[train_data.seq]], vocab_size), draft_vocab)
-    for name, rs in (extra_eval or {}).items():
-        cov[name] = coverage(token_counts(rs.tokens, vocab_size), draft_vocab)
-    dcfg = DrafterConfig(hidden_size=hidden_size, vocab_size=vocab_size,
-                         exit_dim=cfg.exit_dim or 2 * hidden_size,
-                         num_draft_layers=cfg.num_layers, rnn=cfg.rnn, draft_vocab=draft_vocab,
-                         head=cfg.head)
-    torch.manual_seed(cfg.seed)
-    model = RecurrentDrafter(dcfg, generator=torch.Generator().manual_seed(cfg.seed))
-    head_rows = None  # [Vd, H] the target's head over the draft vocabulary (bf16)
-    if dcfg.uses_target_head or cfg.soft_weight > 0:
-        target_head = load_target_head(target, embed_table)  # [V, H]
-        if dcfg.uses_target_head:
-            model.bind_target_head(target_head)
-        vocab_index = torch.tensor(draft_vocab) if draft_vocab is not None else None
-        head_rows = (target_head if vocab_index is None else target_head[vocab_index])
-        head_rows = head_rows.to(torch.bfloat16 if cfg.amp else torch.float32)
+    plan = plan_data(train_data, cfg, vocab_size, tcfg.get("eos_token_id"), extra_eval)
+    model, head_rows = build_model(cfg, target, embed_table, plan.draft_vocab)
     model.train()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
-                            betas=(0.9, 0.98))
-    steps_per_epoch = max(1, math.ceil(train_rows.numel() / cfg.batch_tokens))
+    opt = build_optimizer(model, cfg)
+    steps_per_epoch = max(1, math.ceil(plan.train_rows.numel() / cfg.batch_tokens))
     total = max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
-    info = {"train_sequences": int((~held_seq).sum()), "heldout_sequences": int(held_seq.sum()),
-            "train_rows": int(train_rows.numel()), "heldout_rows": int(held_rows.numel()),
-            "draft_vocab_size": dcfg.draft_vocab_size, "coverage": cov,
+    info = {"train_sequences": int((~plan.held_seq).sum()),
+            "heldout_sequences": int(plan.held_seq.sum()),
+            "train_rows": int(plan.train_rows.numel()),
+            "heldout_rows": int(plan.held_rows.numel()),
+            "draft_vocab_size": model.config.draft_vocab_size, "coverage": plan.coverage,
             "parameters": model.num_parameters(), "steps_per_epoch": steps_per_epoch,
             "total_steps": total}
     logger.info("train: %s", json.dumps(info))
-
-    history: list[dict] = []
-    step = 0
-    elapsed_before = 0.0
-    if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=False)
-        def _same(a: dict, b: dict) -> bool:  # the time budget may change between calls
-            skip = ("time_budget_min",)
-            return {k: v for k, v in a.items() if k not in skip} == \
-                {k: v for k, v in b.items() if k not in skip}
-
-        if not _same(ck["config"], cfg.model_dump()) or ck["draft_vocab"] != draft_vocab:
-            raise ValueError(f"{ckpt_path} was written with a different configuration or data; "
-                             "use a new --out or delete it")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"])
-        step, history, elapsed_before = ck["step"], ck["history"], ck.get("elapsed", 0.0)
-        logger.info("train: resumed from %s at step %d/%d", ckpt_path, step, total)
+    state = resume(ckpt_path, model, opt, cfg, plan.draft_vocab)
+    if state.step:
+        logger.info("train: resumed from %s at step %d/%d", ckpt_path, state.step, total)
     (out_dir / "train_config.json").write_text(json.dumps({"config": cfg.model_dump(), **info},
                                                           indent=2))
+    t_start = time.perf_counter()
 
     def save_ckpt() -> None:
         _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "rng": torch.get_rng_state(), "step": step, "history": history,
-                            "config": cfg.model_dump(), "draft_vocab": draft_vocab,
-                            "elapsed": elapsed_before + time.perf_counter() - t_start},
+                            "rng": torch.get_rng_state(), "step": state.step,
+                            "history": state.history, "config": cfg.model_dump(),
+                            "draft_vocab": plan.draft_vocab,
+                            "elapsed": state.elapsed_before + time.perf_counter() - t_start},
                            ckpt_path)
 
     def run_eval() -> None:
-        rec = {"step": step, "kind": "eval"}
-        if held_rows.numel():
-            rec["heldout"] = evaluate(model, embed_table, train_data, held_rows, t2d, cfg)
-        for name, rs in (extra_eval or {}).items():
+        rec = {"step": state.step, "kind": "eval"}
+        if plan.held_rows.numel():
+            rec["heldout"] = evaluate(model, embed_table, train_data, plan.held_rows,
+                                      plan.t2d, cfg)
+        for name, rs in extra_eval.items():
             rec[name] = evaluate(model, embed_table, rs, rs.rows_of(
-                torch.ones(len(rs.ids), dtype=torch.bool)), t2d, cfg)
-        history.append(rec)
+                torch.ones(len(rs.ids), dtype=torch.bool)), plan.t2d, cfg)
+        state.history.append(rec)
         brief = {k: [round(x, 3) for x in v["top1"]] for k, v in rec.items()
                  if isinstance(v, dict)}
         acc = {k: round(v.get(f"accept_len_w{cfg.beam_width}", 0), 2) for k, v in rec.items()
                if isinstance(v, dict)}
-        logger.info("eval step %d: top1 %s, accept_len(W=%d) %s", step, brief,
+        logger.info("eval step %d: top1 %s, accept_len(W=%d) %s", state.step, brief,
                     cfg.beam_width, acc)
 
-    t_start = time.perf_counter()
     perm_cache: dict[int, torch.Tensor] = {}
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr,
+    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", file=sys.stderr,
                disable=not progress)
-    run_loss = torch.zeros(n)
-    run_hit = torch.zeros(n)
-    run_cnt = torch.zeros(n)
-    run_steps = 0
-    rows_done = 0
+    n = cfg.num_steps
+    run_loss, run_hit, run_cnt = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    run_steps = rows_done = steps_this_call = 0
     t_rate = time.perf_counter()
-    steps_this_call = 0
-    while step < total:
+    while state.step < total:
+        step = state.step
         epoch, it = divmod(step, steps_per_epoch)
         if epoch not in perm_cache:
             perm_cache.clear()
             gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-            perm_cache[epoch] = torch.randperm(train_rows.numel(), generator=gen)
-        idx = train_rows[perm_cache[epoch][it * cfg.batch_tokens:(it + 1) * cfg.batch_tokens]]
-        hid = train_data.hidden[idx].float()  # [N, H]
-        win = train_data.windows[idx]  # [N, n+1]
-        loss_lab, acc_lab = draft_labels(win, t2d, n)  # [N, n]
-        progress = step / total
+            perm_cache[epoch] = torch.randperm(plan.train_rows.numel(), generator=gen)
+        idx = plan.train_rows[perm_cache[epoch][it * cfg.batch_tokens:
+                                                (it + 1) * cfg.batch_tokens]]
+        fraction = step / total
         if cfg.time_budget_min:
-            spent = elapsed_before + time.perf_counter() - t_start
-            progress = max(progress, spent / (60.0 * cfg.time_budget_min))
-            if progress >= 1.0:
+            spent = state.elapsed_before + time.perf_counter() - t_start
+            fraction = max(fraction, spent / (60.0 * cfg.time_budget_min))
+            if fraction >= 1.0:
                 logger.info("train: time budget of %.1f min reached at step %d/%d",
                             cfg.time_budget_min, step, total)
                 break
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(progress, cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp):
-            logits = all_step_logits(model, embed_table, hid, win, n, cfg.dropout,
-                                     training=True)  # [N, n, Vd]
-        teacher, teacher_ok = None, None
-        if cfg.soft_weight > 0:
-            teacher, teacher_ok = teacher_logits(train_data.hidden, idx, win, head_rows, n)
-        total_loss, per_step = distill_loss(logits, loss_lab, teacher, teacher_ok,
-                                            cfg.soft_weight)  # [], [n]
-        with torch.no_grad():
-            run_loss += per_step.detach()
-            counted = acc_lab != IGNORE  # [N, n]
-            run_hit += ((logits.detach().argmax(-1) == acc_lab) & counted).sum(0).float()
-            run_cnt += counted.sum(0).float()
-        opt.zero_grad(set_to_none=True)
-        total_loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
+        per_step, hits, counted = train_step(model, opt, embed_table, train_data, idx,
+                                             plan.t2d, head_rows, cfg,
+                                             cfg.lr * lr_factor(fraction, cfg))
+        run_loss += per_step
+        run_hit += hits
+        run_cnt += counted
+        state.step += 1
+        step = state.step
         steps_this_call += 1
         run_steps += 1
         rows_done += idx.numel()
@@ -421,48 +485,56 @@ def train_drafter(target: str | Path, train_data: RowSet, out_dir: str | Path, c
             bar.set_postfix_str(f"loss {float(run_loss.sum()) / run_steps:.3f} top1 "
                                 f"{float(run_hit[0] / run_cnt[0].clamp(min=1)):.3f} "
                                 f"{rate:.0f} tok/s")
-        if step % cfg.eval_every == 0 or step == total or step % 50 == 0:
-            if run_steps:
-                history.append({"step": step, "kind": "train", "epoch": step / steps_per_epoch,
-                                "lr": opt.param_groups[0]["lr"],
-                                "loss": (run_loss / run_steps).tolist(),
-                                "top1": (run_hit / run_cnt.clamp(min=1)).tolist(),
-                                "tok_per_s": rows_done / max(time.perf_counter() - t_rate, 1e-9)})
-                run_loss.zero_(), run_hit.zero_(), run_cnt.zero_()
-                run_steps = 0
+        if (step % cfg.eval_every == 0 or step == total or step % 50 == 0) and run_steps:
+            state.history.append({
+                "step": step, "kind": "train", "epoch": step / steps_per_epoch,
+                "lr": opt.param_groups[0]["lr"], "loss": (run_loss / run_steps).tolist(),
+                "top1": (run_hit / run_cnt.clamp(min=1)).tolist(),
+                "tok_per_s": rows_done / max(time.perf_counter() - t_rate, 1e-9)})
+            run_loss.zero_(), run_hit.zero_(), run_cnt.zero_()
+            run_steps = 0
         if step % cfg.eval_every == 0 or step == total:
             run_eval()
         if step % cfg.save_every == 0 or step == total:
             save_ckpt()
-            write_history(history, out_dir)
+            write_history(state.history, out_dir)
         if stop_after is not None and steps_this_call >= stop_after and step < total:
             save_ckpt()
             bar.close()
             return {"stopped_at": step, **info}
     bar.close()
-    evals = [h for h in history if h["kind"] == "eval"]
-    if not evals or evals[-1]["step"] != step:
+    evals = [h for h in state.history if h["kind"] == "eval"]
+    if not evals or evals[-1]["step"] != state.step:
         run_eval()
-    info["final_step"] = step
-    info["epochs_done"] = step / steps_per_epoch
+    info["final_step"] = state.step
+    info["epochs_done"] = state.step / steps_per_epoch
     save_ckpt()
-    elapsed = elapsed_before + time.perf_counter() - t_start
-    vcfg_arch = tcfg.get("architectures")
-    export_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
-                    "float32": torch.float32}[cfg.export_dtype]
-    save_drafter(model, out_dir / "drafter", verifier=verifier_name or str(target),
-                 options=ReDrafterOptions(beam_width=cfg.beam_width, beam_length=n + 1),
-                 dtype=export_dtype, verifier_architectures=vcfg_arch)
-    write_history(history, out_dir)
+    elapsed = state.elapsed_before + time.perf_counter() - t_start
+    export(model, out_dir, cfg, target, verifier_name, tcfg.get("architectures"))
+    write_history(state.history, out_dir)
     try:
-        plot_curves(history, out_dir / "curves.png", n)
+        plot_curves(state.history, out_dir / "curves.png", n)
     except Exception as exc:  # plotting must never lose a trained drafter
         logger.warning("train: could not plot curves: %s", exc)
-    final = [h for h in history if h["kind"] == "eval"][-1]
+    final = [h for h in state.history if h["kind"] == "eval"][-1]
     summary = {**info, "train_seconds": elapsed, "final_eval": final,
                "drafter": str(out_dir / "drafter")}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def export(model, out_dir: Path, cfg: TrainConfig, target: str | Path,
+           verifier_name: str | None, architectures: list[str] | None) -> Path:
+    """Write the drafter in our checkpoint format to ``out_dir/drafter``."""
+    from vllm_redrafter.checkpoint import save_drafter
+    from vllm_redrafter.config import ReDrafterOptions
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
+             "float32": torch.float32}[cfg.export_dtype]
+    return save_drafter(model, out_dir / "drafter", verifier=verifier_name or str(target),
+                        options=ReDrafterOptions(beam_width=cfg.beam_width,
+                                                 beam_length=cfg.num_steps + 1),
+                        dtype=dtype, verifier_architectures=architectures)
 
 
 def write_history(history: list[dict], out_dir: Path) -> None:
