@@ -105,13 +105,17 @@ class VocabParallelDraftHead(nn.Module):
 class TargetDraftHead(nn.Module):
     """``head="target"`` drafters: the target's own output head, used by reference.
 
-    Runs the target's ``lm_head`` (a ``ParallelLMHead``, or the input embedding for tied
-    models) through its quant method, all-gathers the vocab shards like vLLM's logits
-    processor, and keeps the draft vocabulary's columns. No weight is copied, so the
-    drafter adds only its ``head_proj`` to the memory footprint.
+    Full vocabulary, or any TP size: runs the target's ``lm_head`` (a ``ParallelLMHead``,
+    or the input embedding for tied models) by reference through its quant method,
+    all-gathers the vocab shards like vLLM's logits processor, and keeps the draft
+    vocabulary's columns; nothing is copied. Example: ``V = 6`` on 2 ranks,
+    ``draft_vocab = [1, 4]``: rank shards give logits of tokens 0-2 and 3-5; the gathered
+    ``[*, 6]`` row keeps columns 1 and 4.
 
-    Example: ``V = 6`` on 2 ranks, ``draft_vocab = [1, 4]``: rank shards give logits of
-    tokens 0-2 and 3-5; the gathered ``[*, 6]`` row keeps columns 1 and 4.
+    A draft vocabulary at TP = 1: its ``[Vd, H]`` rows of the head are gathered once at
+    load. A drafting step is bound by reading the head's weights (a few rows per request),
+    so scoring only ``Vd`` rows instead of ``V`` cuts its cost by ``V / Vd``; the copy is
+    ``Vd / V`` of the head's size.
 
     Args:
         lm_head: the target's output head module (kept by reference, not registered).
@@ -128,11 +132,17 @@ class TargetDraftHead(nn.Module):
         self.vocab_size = vocab_size
         self.tp_size = get_tensor_model_parallel_world_size()
         self.columns = draft_vocab  # [Vd] or None
+        self.rows: torch.Tensor | None = None  # [Vd, H] when gathered (TP = 1, subset)
+        weight = getattr(lm_head, "weight", None)
+        if draft_vocab is not None and self.tp_size == 1 and isinstance(weight, torch.Tensor):
+            self.rows = weight.detach().index_select(0, draft_vocab)  # [Vd, H]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[*, H]`` projected features -> ``[*, Vd]`` logits on every rank."""
         from vllm.distributed import tensor_model_parallel_all_gather
 
+        if self.rows is not None:
+            return torch.nn.functional.linear(x, self.rows)  # [*, Vd]
         head = self.target_lm_head
         flat = x.reshape(-1, x.shape[-1])  # [N, H]
         local = head.quant_method.apply(head, flat)  # [N, V_padded / tp]

@@ -35,10 +35,15 @@ def assets(tmp_path_factory):
 
 
 MODES = ["chain", "tree"]
+TARGET_HEAD = "chain-target-head"
+"""Chain mode with the drafter that scores through the target's lm_head: at TP=1 its
+draft-vocabulary rows are gathered once, at TP=2 the vocab-parallel head is used by
+reference (all-gather + column select); the two paths must draft the same."""
 
 
 def _spec(assets, mode="chain"):
-    return {"method": "redrafter", "model": str(assets["overfit_dir"]),
+    drafter = assets["target_head_dir"] if mode == TARGET_HEAD else assets["overfit_dir"]
+    return {"method": "redrafter", "model": str(drafter),
             "beam_width": h.BEAM_WIDTH, "beam_length": h.BEAM_LENGTH,
             "tree": mode == "tree"}
 
@@ -52,7 +57,7 @@ def _greedy(assets, mode, **engine):
 
 @pytest.fixture(scope="module")
 def tp1(assets):
-    return {mode: _greedy(assets, mode) for mode in MODES}
+    return {mode: _greedy(assets, mode) for mode in [*MODES, TARGET_HEAD]}
 
 
 def _assert_close_to_tp1(metrics, reference):
@@ -64,7 +69,7 @@ def _assert_close_to_tp1(metrics, reference):
             key, metrics, reference)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, TARGET_HEAD])
 def test_tp2_multiprocessing_matches_tp1(assets, tp1, mode):
     old = h.set_env(TP_ENV)
     try:
