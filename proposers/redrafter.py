@@ -381,6 +381,8 @@ class ReDrafterProposer:
         start = time.perf_counter()
         rows = self._to_device(step.rows, self._rows_cpu, self._rows)  # [B]
         hidden = sample_hidden_states.index_select(0, rows)  # [B, H]
+        if not bool(torch.isfinite(hidden).all()):
+            raise FloatingPointError("non-finite target hidden state in the drafter's input")
         beams = self._draft_beams(step, hidden).cpu()  # [B, W, L]
         proposal = self._proposal(step, beams)
         self.draft_seconds += time.perf_counter() - start

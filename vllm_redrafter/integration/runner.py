@@ -131,6 +131,23 @@ class _WorkerState:
     trees: dict[str, TreeDraft] = field(default_factory=dict)
     current: TreeVerifyStep | None = None
     last_nodes: dict[str, int] = field(default_factory=dict)
+    draft_faults: int = 0
+
+
+def draft_fault_count() -> int:
+    """Drafting steps of this process that failed and fell back to no draft."""
+    return _STATE.draft_faults
+
+
+def _draft_fault(step: DraftStep, exc: BaseException) -> list[list[int]]:
+    """A drafting step failed: count it, log (a WARNING the first time, DEBUG after), and
+    draft nothing for this step. Verification of no draft is plain decoding, so outputs
+    cannot change; the next step drafts again."""
+    _STATE.draft_faults += 1
+    log = logger.warning if _STATE.draft_faults == 1 else logger.debug
+    log("ReDrafter drafting step failed (%s: %s); no draft this step (%d failed so far; "
+        "later failures are logged at DEBUG)", type(exc).__name__, exc, _STATE.draft_faults)
+    return [[] for _ in range(step.num_reqs)]
 
 
 _STATE = _WorkerState()
@@ -202,7 +219,11 @@ def propose_drafts(runner: Any, drafter: Any, *, sampled_token_ids: Any,
         )
     if not step.requests:
         return [[] for _ in range(step.num_reqs)]
-    return apply_proposal(runner, drafter.propose_step(step, sample_hidden_states))
+    try:
+        proposal = drafter.propose_step(step, sample_hidden_states)
+    except Exception as exc:  # noqa: BLE001 - a drafter fault must never stop serving
+        return _draft_fault(step, exc)
+    return apply_proposal(runner, proposal)
 
 
 def apply_proposal(runner: Any, proposal: Proposal) -> list[list[int]]:
