@@ -32,17 +32,27 @@ Glossary: ``B`` requests drafted this step, ``W`` beam width, ``L`` beam length,
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from vllm_redrafter.beam_search import beam_search
+from vllm_redrafter.beam_search import (
+    beam_search,
+    merge_shard_candidates,
+    shard_candidates,
+    top_candidates,
+)
 from vllm_redrafter.checkpoint import load_drafter
 from vllm_redrafter.drafter import RecurrentDrafter
 from vllm_redrafter.integration import compat, hooks, patches, spec_config, tree_hooks
 from vllm_redrafter.logger import get_logger
+from vllm_redrafter.graphs import CudaGraphBackend, GraphedSearch, batch_buckets
+from vllm_redrafter.memory import beam_search_peak_bytes
 from vllm_redrafter.scorers.chain import best_beam_drafts
 from vllm_redrafter.steps import DraftStep, Proposal, TreeDraft
 from vllm_redrafter.tree import build_tree
@@ -51,6 +61,85 @@ logger = get_logger(__name__)
 
 WARMUP_REQUESTS = 2
 """Requests in the load-time warm-up beam search (checks shapes and TP collectives)."""
+
+_T = TypeVar("_T")
+
+
+def describe_load_failures(outcomes: list[tuple[str, str | None]], what: str) -> str | None:
+    """One message naming every TP rank that could not load ``what``, or None.
+
+    ``outcomes[rank] = (node name, error or None)``. Example: ``[("a", None),
+    ("b", "FileNotFoundError: /d/config.json")]`` -> ``"... rank 1 on node b:
+    FileNotFoundError: /d/config.json"``.
+    """
+    failed = [f"rank {rank} on node {node}: {error}"
+              for rank, (node, error) in enumerate(outcomes) if error is not None]
+    if not failed:
+        return None
+    return (f"ReDrafter could not load {what} on {len(failed)} of {len(outcomes)} "
+            f"tensor-parallel ranks ({'; '.join(failed)}); every node running a worker "
+            "needs the drafter directory at the same path (copy it there, or put it on "
+            "shared storage)")
+
+
+def load_on_every_rank(load: Callable[[], _T], what: str,
+                       gather: Callable[[tuple[str, str | None]], list[tuple[str, str | None]]]
+                       ) -> _T:
+    """Run ``load`` on this rank, then agree with every rank (``gather``: all-gather of
+    one small object over the CPU group) before any GPU collective, so a failure on one
+    node fails every rank at once with the same message instead of leaving the others
+    waiting in the drafter's first collective."""
+    try:
+        result, error = load(), None
+    except Exception as exc:  # noqa: BLE001 - reported on every rank below
+        result, error = None, f"{type(exc).__name__}: {exc}"
+    message = describe_load_failures(gather((socket.gethostname(), error)), what)
+    if message is not None:
+        raise spec_config.ReDrafterConfigError(message)
+    return result  # type: ignore[return-value]
+
+
+def _gather_over_tp_cpu_group(item: tuple[str, str | None]) -> list[tuple[str, str | None]]:
+    """All-gather ``item`` over the TP group's CPU (gloo) group; ``[item]`` at TP = 1."""
+    import torch.distributed as dist
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    if group.world_size == 1:
+        return [item]
+    out: list[Any] = [None] * group.world_size
+    dist.all_gather_object(out, item, group=group.cpu_group)
+    return out
+
+
+def _sync_allowed() -> contextlib.AbstractContextManager[Any]:
+    """vLLM's scope for an intended GPU->CPU synchronisation (its sync checker flags any
+    other); a no-op context where vLLM has none."""
+    try:
+        from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+    except ImportError:  # pragma: no cover - older layouts
+        return contextlib.nullcontext()
+    return gpu_sync_allowed()
+
+
+def _runner_device(vllm_config: Any) -> torch.device:
+    """The device vLLM runs this worker on (its device config; ``cuda`` resolved to the
+    worker's current CUDA device)."""
+    device = torch.device(vllm_config.device_config.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def check_engine_support(vllm_config: Any) -> None:
+    """Refuse, before anything is loaded, what ReDrafter's proposer cannot run.
+
+    Raises:
+        ReDrafterConfigError: pipeline parallelism > 1, or async scheduling on.
+    """
+    spec_config.check_engine_options(
+        int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1)),
+        bool(getattr(vllm_config.scheduler_config, "async_scheduling", False)))
 
 
 class VocabParallelDraftHead(nn.Module):
@@ -101,6 +190,31 @@ class VocabParallelDraftHead(nn.Module):
         logits = local[:, : self.vocab_size]  # [N, Vd]
         return logits.reshape(*z.shape[:-1], self.vocab_size)
 
+    def top_candidates(self, z: torch.Tensor, k: int, top_k: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Beam search's per-row candidates without all-gathering the logits.
+
+        Under TP each rank packs its shard's best ``m`` values, their ids and its partial
+        log-sum-exp (:func:`~vllm_redrafter.beam_search.shard_candidates`); one
+        all-gather of ``[N, tp * (2m + 1)]`` floats replaces ``[N, Vd]``, and every rank
+        merges the same candidates. ``z [*, E]`` -> ``([*, K] float32, [*, K] int64)``.
+        """
+        if self.tp_size == 1:
+            return top_candidates(self(z), k, top_k)
+        from vllm.distributed import (
+            get_tensor_model_parallel_rank,
+            tensor_model_parallel_all_gather,
+        )
+
+        flat = z.reshape(-1, z.shape[-1])  # [N, E]
+        local = self.head.quant_method.apply(self.head, flat)  # [N, Vd_padded / tp]
+        offset = get_tensor_model_parallel_rank() * local.shape[1]
+        packed = shard_candidates(local, offset, self.vocab_size, k, top_k)  # [N, 2m+1]
+        gathered = tensor_model_parallel_all_gather(packed.contiguous(), dim=-1)
+        gathered = gathered.view(flat.shape[0], self.tp_size, packed.shape[1])
+        log_probs, ids = merge_shard_candidates(gathered, k, top_k)  # [N, K] x2
+        return (log_probs.reshape(*z.shape[:-1], -1), ids.reshape(*z.shape[:-1], -1))
+
 
 class TargetDraftHead(nn.Module):
     """``head="target"`` drafters: the target's own output head, used by reference.
@@ -136,6 +250,60 @@ class TargetDraftHead(nn.Module):
         weight = getattr(lm_head, "weight", None)
         if draft_vocab is not None and self.tp_size == 1 and isinstance(weight, torch.Tensor):
             self.rows = weight.detach().index_select(0, draft_vocab)  # [Vd, H]
+
+    def _shard_columns(self, shard: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This rank's draft-vocabulary columns in its ``shard``-wide vocab slice:
+        ``(local column indices, their draft ids)``; None without a draft vocabulary.
+        Example: ``draft_vocab = [1, 4, 5]``, shard 3 on rank 1 (columns 3-5) ->
+        ``([1, 2], [1, 2])``."""
+        if self.columns is None:
+            return None
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        offset = get_tensor_model_parallel_rank() * shard
+        mine = ((self.columns >= offset) & (self.columns < offset + shard)).nonzero()
+        draft_ids = mine.flatten()  # [n]
+        return self.columns[draft_ids] - offset, draft_ids
+
+    def top_candidates(self, x: torch.Tensor, k: int, top_k: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Beam search's per-row candidates; under TP without all-gathering the logits.
+
+        Each rank takes its vocab slice (and within it the draft vocabulary's columns),
+        packs its best ``m`` values, their draft ids and its partial log-sum-exp, and one
+        all-gather of ``[N, tp * (2m + 1)]`` floats replaces ``[N, V]``. ``x [*, H]`` ->
+        ``([*, K] float32, [*, K] int64)``.
+        """
+        if self.rows is not None or self.tp_size == 1:
+            return top_candidates(self(x), k, top_k)
+        from vllm.distributed import (
+            get_tensor_model_parallel_rank,
+            tensor_model_parallel_all_gather,
+        )
+
+        head = self.target_lm_head
+        flat = x.reshape(-1, x.shape[-1])  # [N, H]
+        local = head.quant_method.apply(head, flat)  # [N, V_padded / tp]
+        width = max(k, top_k or 0)
+        selected = self._shard_columns(local.shape[1])
+        if selected is None:
+            offset = get_tensor_model_parallel_rank() * local.shape[1]
+            packed = shard_candidates(local, offset, self.vocab_size, k, top_k)
+        else:
+            cols, draft_ids = selected
+            sub = local.index_select(1, cols)  # [N, n]; padded to the common width m
+            if sub.shape[1] < width:
+                sub = torch.nn.functional.pad(sub, (0, width - sub.shape[1]),
+                                              value=float("-inf"))
+            packed = shard_candidates(sub, 0, cols.numel(), k, top_k)  # ids: positions
+            m = (packed.shape[1] - 1) // 2
+            positions = packed[:, m:2 * m].long().clamp_(max=max(cols.numel() - 1, 0))
+            ids = draft_ids[positions] if cols.numel() else torch.zeros_like(positions)
+            packed[:, m:2 * m] = ids.float()
+        gathered = tensor_model_parallel_all_gather(packed.contiguous(), dim=-1)
+        gathered = gathered.view(flat.shape[0], self.tp_size, packed.shape[1])
+        log_probs, ids = merge_shard_candidates(gathered, k, top_k)  # [N, K] x2
+        return (log_probs.reshape(*x.shape[:-1], -1), ids.reshape(*x.shape[:-1], -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[*, H]`` projected features -> ``[*, Vd]`` logits on every rank."""
@@ -231,6 +399,8 @@ class ReDrafterProposer:
                 "VLLM_REDRAFTER_ENABLED and the supported vLLM versions"
             )
         patches.ensure_applied(hooks.RUNNER_HOOK)
+        patches.ensure_applied(hooks.PROFILE_HOOK)
+        check_engine_support(vllm_config)
 
         self.vllm_config = vllm_config
         self.settings = spec_config.settings_from_vllm_config(vllm_config)
@@ -263,6 +433,12 @@ class ReDrafterProposer:
         self._init_cpu = torch.zeros(self.max_num_reqs, dtype=torch.int64)
         self._rows: torch.Tensor | None = None
         self._init: torch.Tensor | None = None
+        self._host: torch.Tensor | None = None
+        """Pinned ``[max_num_reqs, W*L + 1]`` staging buffer of the drafts (CUDA)."""
+        self._graphed: GraphedSearch | None = None
+        """The beam search replayed from CUDA graphs (CUDA, TP = 1, not enforce_eager)."""
+        self.profiled_batch = 0
+        """Largest batch of a :meth:`profile_run` (vLLM's memory profiling) so far."""
         self.draft_seconds = 0.0
         """Cumulative host seconds spent in :meth:`propose_step` (the final
         device-to-host copy of the drafts synchronises, so this covers device work)."""
@@ -282,9 +458,10 @@ class ReDrafterProposer:
         from vllm.config import set_current_vllm_config
 
         embed = _input_embedding(target_model)
-        weight = getattr(embed, "weight", None)
-        device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
-        core = load_drafter(self.settings.drafter_dir, dtype=self.dtype)
+        device = _runner_device(self.vllm_config)
+        drafter_dir = self.settings.drafter_dir
+        core = load_on_every_rank(lambda: load_drafter(drafter_dir, dtype=self.dtype),
+                                  f"the drafter {drafter_dir}", _gather_over_tp_cpu_group)
         embed_dim = getattr(embed, "embedding_dim", core.hidden_size)
         if embed_dim != core.hidden_size:
             raise spec_config.ReDrafterConfigError(
@@ -312,15 +489,55 @@ class ReDrafterProposer:
         self.drafter, self.embed, self.device = core, embed, device
         self._rows = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
         self._init = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
+        if device.type == "cuda":
+            pin = {"pin_memory": True}
+            self._rows_cpu = torch.zeros(self.max_num_reqs, dtype=torch.int64, **pin)
+            self._init_cpu = torch.zeros(self.max_num_reqs, dtype=torch.int64, **pin)
+            width = self.options.beam_width * self.options.beam_length + 1
+            self._host = torch.zeros(self.max_num_reqs, width, dtype=torch.int64, **pin)
+            if head.tp_size == 1 and not self.vllm_config.model_config.enforce_eager:
+                self._graphed = GraphedSearch(
+                    self._eager_beam_search, core.hidden_size, self.dtype, device,
+                    batch_buckets(self.max_num_reqs), CudaGraphBackend())
         if self.tree_mode:
             _check_tree_attention(target_model)
         self.dummy_run(min(WARMUP_REQUESTS, self.max_num_reqs))
         logger.info(
             "ReDrafter proposer ready: drafter %s (%s, %d parameters on this rank), "
-            "head=%s, beam_width=%d, beam_length=%d, draft_top_k=%s, tp=%d, verification=%s",
-            self.settings.drafter_dir, self.dtype, core.num_parameters(), core.config.head,
-            self.options.beam_width, self.options.beam_length,
-            self.options.draft_top_k, head.tp_size, "tree" if self.tree_mode else "chain")
+            "head=%s, beam_width=%d, beam_length=%d, draft_top_k=%s, tp=%d, verification=%s, "
+            "drafting=%s", self.settings.drafter_dir, self.dtype, core.num_parameters(),
+            core.config.head, self.options.beam_width, self.options.beam_length,
+            self.options.draft_top_k, head.tp_size, "tree" if self.tree_mode else "chain",
+            "CUDA graphs" if self._graphed is not None else "eager")
+
+    def profile_run(self, num_reqs: int) -> None:
+        """The drafter's peak working memory, inside vLLM's memory profiling: one beam
+        search at ``num_reqs`` (``max_num_seqs``) requests (hook ``runner-profile-drafter``)."""
+        self.dummy_run(num_reqs)
+        if self._graphed is not None:
+            self._graphed.capture_all()  # graph pool memory is counted by the profiling
+        self.profiled_batch = max(self.profiled_batch, num_reqs)
+        logger.info(
+            "ReDrafter drafter profiled at %d requests inside vLLM's memory profiling "
+            "(beam search peak <= %.1f MiB by formula)", num_reqs,
+            self.peak_bytes(num_reqs) / 2**20)
+
+    def peak_bytes(self, num_reqs: int) -> int:
+        """Upper bound of one beam search's working memory at ``num_reqs`` requests
+        (:func:`vllm_redrafter.memory.beam_search_peak_bytes`)."""
+        assert self.drafter is not None
+        config = self.drafter.config
+        head = self.drafter.lm_head
+        tp = int(getattr(head, "tp_size", 1))
+        extra = 0
+        if tp > 1 and config.uses_target_head:
+            extra = config.vocab_size // tp + 1  # this rank's V / tp slice of the head
+        # own head under TP: only a Vd / tp shard and its temporary exist (sharded
+        # candidates), inside the formula's Vd bound
+        return beam_search_peak_bytes(
+            num_reqs, self.options.beam_width, self.drafter.draft_vocab_size,
+            max(config.hidden_size, config.exit_dim), self.dtype,
+            draft_top_k=self.options.draft_top_k, extra_columns=extra)
 
     def dummy_run(self, num_reqs: int) -> None:
         """One beam search on zero hidden states for ``num_reqs`` requests."""
@@ -329,12 +546,20 @@ class ReDrafterProposer:
             num_reqs, self.drafter.hidden_size, dtype=self.dtype, device=self.device
         )  # [B, H]
         init = torch.zeros(num_reqs, dtype=torch.int64, device=self.device)  # [B]
-        self._beam_search(hidden, init)
+        self._eager_beam_search(hidden, init)
 
     # ---------------------------------------------------------------- proposing
 
     def _beam_search(self, hidden: torch.Tensor, init_tokens: torch.Tensor) -> torch.Tensor:
-        """``hidden [B, H]``, ``init_tokens [B]`` -> beams ``[B, W, L]`` (best first)."""
+        """``hidden [B, H]``, ``init_tokens [B]`` -> beams ``[B, W, L]`` (best first),
+        replayed from a CUDA graph when they are captured."""
+        if self._graphed is not None:
+            return self._graphed(hidden.to(self.dtype), init_tokens)
+        return self._eager_beam_search(hidden, init_tokens)
+
+    def _eager_beam_search(self, hidden: torch.Tensor, init_tokens: torch.Tensor
+                           ) -> torch.Tensor:
+        """The beam search itself (static shapes: what the CUDA graphs capture)."""
         assert self.drafter is not None and self.embed is not None
         beams = beam_search(
             self.drafter,
@@ -381,13 +606,30 @@ class ReDrafterProposer:
         start = time.perf_counter()
         rows = self._to_device(step.rows, self._rows_cpu, self._rows)  # [B]
         hidden = sample_hidden_states.index_select(0, rows)  # [B, H]
-        if not bool(torch.isfinite(hidden).all()):
+        beams = self._draft_beams(step, hidden)  # [B, W, L] on the device
+        finite = torch.isfinite(hidden).all(dim=-1)  # [B], checked after the one copy
+        packed = torch.cat([beams.flatten(1), finite[:, None].to(beams.dtype)], 1)
+        host = self._copy_to_host(packed)  # [B, W*L + 1]
+        if not bool(host[:, -1].all()):
             raise FloatingPointError("non-finite target hidden state in the drafter's input")
-        beams = self._draft_beams(step, hidden).cpu()  # [B, W, L]
+        beams = host[:, :-1].reshape(beams.shape)  # [B, W, L]
         proposal = self._proposal(step, beams)
         self.draft_seconds += time.perf_counter() - start
         self.num_proposals += len(step.requests)
         return proposal
+
+    def _copy_to_host(self, packed: torch.Tensor) -> torch.Tensor:
+        """The step's one device-to-host copy: into the pinned staging buffer on CUDA,
+        then one stream synchronisation inside vLLM's allowed-sync scope."""
+        if packed.device.type == "cpu":
+            return packed
+        if self._host is None or packed.shape[1] != self._host.shape[1]:
+            return packed.cpu()  # oracle drafts of another shape (tests)
+        out = self._host[: packed.shape[0]]
+        out.copy_(packed, non_blocking=True)
+        with _sync_allowed():
+            torch.cuda.current_stream().synchronize()
+        return out
 
     def _proposal(self, step: DraftStep, beams: torch.Tensor) -> Proposal:
         """Chains (best beam) and trees (all beams, deduplicated) from ``[B, W, L]``."""

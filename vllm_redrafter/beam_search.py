@@ -143,9 +143,14 @@ def beam_search(
     for _ in range(beam_length - 1):
         state = drafter.update_state(state, embed(tokens[:, :, -1]))  # [B, Wc, H]
         context = hidden[:, None, :].expand(state.shape)  # [B, Wc, H]
-        log_q = _draft_log_probs(drafter.logits(context, state), draft_top_k)
-        # log_q: [B, Wc, Vd]
-        scores, parent, draft_ids = _select_top(scores, log_q, beam_width)  # [B, W] x3
+        if return_log_probs:
+            log_q = _draft_log_probs(drafter.logits(context, state), draft_top_k)
+            # log_q: [B, Wc, Vd]
+            cand_lp, cand_ids = log_q, None
+        else:
+            cand_lp, cand_ids = _step_candidates(
+                drafter, context, state, beam_width, draft_top_k)  # [B, Wc, K] x2
+        scores, parent, draft_ids = _select_top(scores, cand_lp, beam_width, cand_ids)
         new_tokens = drafter.to_target_ids(draft_ids)  # [B, W]
         tokens = torch.cat([_gather_beams(tokens, parent), new_tokens[:, :, None]], 2)
         state = _gather_beams(state, parent)  # [B, W, H]
@@ -206,14 +211,21 @@ def _draft_log_probs(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
 
 
 def _select_top(
-    scores: torch.Tensor, log_q: torch.Tensor, beam_width: int
+    scores: torch.Tensor,
+    log_q: torch.Tensor,
+    beam_width: int,
+    ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep the ``W`` best (beam, token) extensions; fill impossible ones with beam 0.
 
     Args:
         scores: ``[B, Wc]`` float32 joint log-prob of the current beams.
-        log_q: ``[B, Wc, Vd]`` float32 next-token log-probs of each current beam.
+        log_q: ``[B, Wc, K]`` float32 log-probs of each current beam's candidate
+            tokens: the whole draft vocabulary (``K = Vd``, ``ids`` None) or each row's
+            best ``K`` (:func:`top_candidates`).
         beam_width: ``W``.
+        ids: ``[B, Wc, K]`` int64 draft id of each candidate, or None when candidate
+            ``j`` is draft id ``j``.
 
     Returns:
         ``(scores, parent, draft_ids)``, each ``[B, W]``: float32 scores sorted
@@ -223,8 +235,8 @@ def _select_top(
     Example: ``Wc = 1``, ``Vd = 2``, ``W = 3``, ``log_q = [[[-0.2, -1.7]]]`` ->
     ``scores [[-0.2, -1.7, -inf]]``, ``parent [[0, 0, 0]]``, ``draft_ids [[0, 1, 0]]``.
     """
-    batch, _, vocab = log_q.shape
-    candidates = (log_q + scores[:, :, None]).flatten(1)  # [B, Wc*Vd]
+    batch, _, width = log_q.shape
+    candidates = (log_q + scores[:, :, None]).flatten(1)  # [B, Wc*K]
     k = min(beam_width, candidates.shape[1])
     top_scores, flat = candidates.topk(k, dim=1)  # [B, k] each, sorted descending
     if k < beam_width:
@@ -235,7 +247,79 @@ def _select_top(
         flat = torch.cat([flat, flat[:, :1].expand(batch, missing)], dim=1)
     dead = torch.isneginf(top_scores)  # [B, W]
     flat = torch.where(dead, flat[:, :1], flat)  # [B, W]
-    return top_scores, flat // vocab, flat % vocab
+    parent = flat // width  # [B, W]
+    if ids is None:
+        return top_scores, parent, flat % width
+    return top_scores, parent, ids.flatten(1).gather(1, flat)
+
+
+def _step_candidates(
+    drafter: Drafter,
+    context: torch.Tensor,
+    state: torch.Tensor,
+    beam_width: int,
+    top_k: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each beam's best ``K = min(W, Vd)`` next draft ids and their log-probs.
+
+    Uses the drafter's own ``top_candidates`` when it has one (a vocab-sharded head
+    merges per-shard candidates there); otherwise :func:`top_candidates` on its logits.
+    Returns ``([B, Wc, K] float32, [B, Wc, K] int64)``.
+    """
+    own = getattr(drafter, "top_candidates", None)
+    if own is not None:
+        return own(context, state, beam_width, top_k)
+    return top_candidates(drafter.logits(context, state), beam_width, top_k)
+
+
+def top_candidates(
+    logits: torch.Tensor, k: int, top_k: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best entries of each row as float32 log-probs, without a float32 copy.
+
+    A beam's ``W`` best extensions are among its own row's ``W`` best tokens, so beam
+    search only needs each row's top ``k = W`` log-probs: ``logit - logsumexp(row)``.
+    The log-sum-exp is computed on one temporary in the logits' own dtype (summed in
+    float32), so the peak is about twice the logits, never three float32 copies.
+
+    Args:
+        logits: ``[..., Vd]`` raw drafter logits (any float dtype).
+        k: candidates per row (clipped to ``Vd``).
+        top_k: ``draft_top_k`` mask: only entries ``>=`` the row's ``top_k``-th largest
+            count (in the log-sum-exp too); the others are ``-inf``.
+
+    Returns:
+        ``(log_probs [..., K] float32 sorted descending, ids [..., K] int64)``,
+        ``K = min(k, Vd)``. Example: logits ``[1., 3., 2.]``, ``k = 2``, no mask ->
+        ids ``[1, 2]``, log-probs ``[3 - lse, 2 - lse]`` with ``lse = log(e + e^3 + e^2)``;
+        with ``top_k = 1`` -> log-probs ``[0, -inf]``.
+    """
+    vocab = logits.shape[-1]
+    values, ids = logits.topk(min(k, vocab), dim=-1)  # [..., K] each
+    kth = None
+    if top_k is not None and top_k < vocab:
+        kth = values[..., top_k - 1 : top_k] if top_k <= k else (
+            logits.topk(top_k, dim=-1).values[..., -1:])  # [..., 1]
+    log_z = _row_log_sum_exp(logits, values[..., :1], kth)  # [..., 1] float32
+    log_probs = values.float() - log_z  # [..., K]
+    if kth is not None:
+        log_probs = log_probs.masked_fill(values < kth, DEAD_SCORE)
+    return log_probs, ids
+
+
+def _row_log_sum_exp(
+    logits: torch.Tensor, row_max: torch.Tensor, kth: torch.Tensor | None
+) -> torch.Tensor:
+    """``log(sum(exp(logits)))`` per row over the entries ``>= kth`` (all if None).
+
+    ``logits [..., Vd]``, ``row_max [..., 1]`` (each row's largest entry) ->
+    ``[..., 1]`` float32. One ``[..., Vd]`` temporary in the logits' dtype.
+    """
+    shifted = logits - row_max  # [..., Vd], logits dtype
+    if kth is not None:
+        shifted.masked_fill_(logits < kth, float("-inf"))
+    total = shifted.exp_().sum(dim=-1, keepdim=True, dtype=torch.float32)  # [..., 1]
+    return row_max.float() + total.log()
 
 
 def _gather_beams(values: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
@@ -250,3 +334,71 @@ def _gather_beams(values: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     """
     rows = torch.arange(values.shape[0], device=values.device)[:, None]  # [B, 1]
     return values[rows, parent]
+
+
+def shard_candidates(
+    local_logits: torch.Tensor, offset: int, vocab: int, k: int, top_k: int | None = None
+) -> torch.Tensor:
+    """One vocabulary shard's share of :func:`top_candidates`, packed for an all-gather.
+
+    Args:
+        local_logits: ``[N, S]`` this shard's logits (columns ``offset .. offset+S-1`` of
+            the padded vocabulary; columns ``>= vocab`` are padding and never chosen).
+        offset: first global column of the shard.
+        vocab: ``Vd`` (real columns).
+        k: candidates per row (``W``).
+        top_k: ``draft_top_k`` or None.
+
+    Returns:
+        ``[N, 2m + 1]`` float32, ``m = min(max(k, top_k or 0), S)``: the shard's ``m``
+        best values, their global ids (exact as float32 below 2**24), and the shard's
+        log-sum-exp (used when ``top_k`` is None). Merge with
+        :func:`merge_shard_candidates`. Example: ``S = 3``, ``offset = 3``, ``vocab = 5``,
+        logits ``[[1., 4., 9.]]``, ``k = 1``: column 5 is padding, so the row packs
+        ``[4., 4., log(e + e^4)]``.
+    """
+    width = local_logits.shape[1]
+    valid = vocab - offset
+    logits = local_logits
+    if valid < width:
+        logits = local_logits.clone()
+        logits[:, max(valid, 0):] = float("-inf")
+    m = min(max(k, top_k or 0), width)
+    values, ids = logits.topk(m, dim=-1)  # [N, m]
+    if top_k is None:
+        log_z = _row_log_sum_exp(logits, values[:, :1], None)  # [N, 1]
+    else:
+        log_z = torch.zeros_like(values[:, :1], dtype=torch.float32)
+    return torch.cat([values.float(), (ids + offset).float(), log_z], dim=1)
+
+
+def merge_shard_candidates(
+    gathered: torch.Tensor, k: int, top_k: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`top_candidates` of the whole row from every shard's :func:`shard_candidates`.
+
+    Args:
+        gathered: ``[N, tp, 2m + 1]`` float32 (the all-gather of the packed shards).
+        k: candidates per row.
+        top_k: ``draft_top_k`` or None (the row's ``top_k`` best are among the shards'
+            ``m >= top_k`` best; ties at the k-th value beyond a shard's ``m`` are not
+            counted, unlike the unsharded mask).
+
+    Returns:
+        ``(log_probs [N, K] float32, ids [N, K] int64)``, as :func:`top_candidates`.
+    """
+    rows, shards, packed = gathered.shape
+    m = (packed - 1) // 2
+    values = gathered[:, :, :m].reshape(rows, shards * m)  # [N, tp*m]
+    ids = gathered[:, :, m : 2 * m].reshape(rows, shards * m).long()  # [N, tp*m]
+    kth = None
+    if top_k is None:
+        log_z = gathered[:, :, -1].logsumexp(dim=1, keepdim=True)  # [N, 1]
+    else:
+        kth = values.topk(min(top_k, shards * m), dim=1).values[:, -1:]  # [N, 1]
+        log_z = values.masked_fill(values < kth, float("-inf")).logsumexp(1, keepdim=True)
+    best, position = values.topk(min(k, shards * m), dim=1)  # [N, K]
+    log_probs = best - log_z
+    if kth is not None:
+        log_probs = log_probs.masked_fill(best < kth, DEAD_SCORE)
+    return log_probs, ids.gather(1, position)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_redrafter.config import DrafterConfig
+from vllm_redrafter.beam_search import top_candidates as beam_top_candidates
 
 LM_HEAD_INIT_STD = 0.02
 """Std of ``lm_head``'s normal init (small: near-uniform initial draft distribution)."""
@@ -268,6 +269,11 @@ class RecurrentDrafter(nn.Module):
         Returns:
             ``[*, Vd]`` raw logits.
         """
+        return self.lm_head(self._head_input(features))  # [*, Vd]
+
+    def _head_input(self, features: torch.Tensor) -> torch.Tensor:
+        """``[*, 2H]`` features -> what ``lm_head`` reads: ``[*, E]`` (own head) or
+        ``[*, H]`` (``head="target"``)."""
         z = features  # [*, 2H]
         if self.input_proj is not None:
             z = self.input_proj(z)  # [*, E]
@@ -275,7 +281,7 @@ class RecurrentDrafter(nn.Module):
             z = block(z)  # [*, E]
         if self.head_proj is not None:
             z = self.head_proj(z)  # [*, H], fed to the target's frozen head
-        return self.lm_head(z)  # [*, Vd]
+        return z
 
     def logits(self, hidden: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """Draft logits for the next token.
@@ -288,10 +294,31 @@ class RecurrentDrafter(nn.Module):
         Returns:
             ``[*, Vd]`` raw logits (no max-subtraction, no top-k mask).
         """
+        return self.head(self._features(hidden, state))  # [*, Vd]
+
+    def _features(self, hidden: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """``concat([hidden, state])`` with ``hidden`` broadcast: ``[*, 2H]``."""
         if hidden.shape != state.shape:
             hidden = hidden.expand_as(state)  # [*, H]
-        features = torch.cat([hidden, state], dim=-1)  # [*, 2H], hidden FIRST
-        return self.head(features)  # [*, Vd]
+        return torch.cat([hidden, state], dim=-1)  # [*, 2H], hidden FIRST
+
+    def top_candidates(
+        self, hidden: torch.Tensor, state: torch.Tensor, k: int, top_k: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's ``k`` most likely next draft ids, as beam search needs them.
+
+        Same inputs as :meth:`logits`; returns ``(log_probs [*, K] float32, ids [*, K]
+        int64)`` with ``K = min(k, Vd)``, sorted descending, ``draft_top_k``-masked
+        entries ``-inf`` (see :func:`vllm_redrafter.beam_search.top_candidates`). An
+        ``lm_head`` with its own ``top_candidates(z, k, top_k)`` (a vocab-sharded head
+        merging per-shard candidates) answers directly; no full float32 log-softmax is
+        ever materialised.
+        """
+        z = self._head_input(self._features(hidden, state))  # [*, E] or [*, H]
+        sharded = getattr(self.lm_head, "top_candidates", None)
+        if sharded is not None:
+            return sharded(z, k, top_k)
+        return beam_top_candidates(self.lm_head(z), k, top_k)
 
     # ----------------------------------------------------------------- training
 

@@ -65,8 +65,16 @@ def test_non_finite_hidden_states_are_a_fault_not_a_draft():
     proposer = object.__new__(ReDrafterProposer)  # only propose_step's input check runs
     proposer._rows_cpu = torch.zeros(4, dtype=torch.int64)
     proposer._rows = torch.zeros(4, dtype=torch.int64)
-    proposer._draft_beams = lambda step, hidden: pytest.fail("drafted from NaN")
+    proposer._host = None
+    proposer._proposal = lambda step, beams: pytest.fail("drafted from NaN")
+    proposer._draft_beams = lambda step, hidden: torch.zeros(len(step.requests), 2, 3,
+                                                             dtype=torch.int64)
     step = runner_state.DraftStep(2, [runner_state.DraftRequest("a", 0, 1, 3, False)], 2)
     hidden = torch.tensor([[0.0, 1.0], [float("nan"), 1.0]])
     with pytest.raises(FloatingPointError, match="non-finite"):
         proposer.propose_step(step, hidden)
+    # control: the same step from the finite row drafts
+    proposer._proposal = lambda step, beams: ("proposal", tuple(beams.shape))
+    proposer.draft_seconds, proposer.num_proposals = 0.0, 0
+    ok = runner_state.DraftStep(2, [runner_state.DraftRequest("a", 0, 0, 3, False)], 2)
+    assert proposer.propose_step(ok, hidden) == ("proposal", (1, 2, 3))

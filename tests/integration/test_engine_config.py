@@ -213,3 +213,34 @@ def test_serve_cli_conflicting_method(tiny_llama_dir, drafters):
         "--speculative-config", '{"method": "ngram"}'])
     with pytest.raises(ValueError, match="conflicts with --speculative-config method"):
         AsyncEngineArgs.from_cli_args(args)
+
+
+def test_error_pipeline_parallel(tiny_llama_dir, drafters):
+    spec = {"method": "redrafter", "model": str(drafters["ok"])}
+    with pytest.raises(Exception) as info:
+        _engine_config(tiny_llama_dir, speculative_config=spec, pipeline_parallel_size=2)
+    message = str(info.value)
+    assert "does not support pipeline parallelism (pipeline_parallel_size=2)" in message
+    assert "tensor_parallel_size" in message
+
+
+def test_error_async_scheduling_forced_on(tiny_llama_dir, drafters):
+    spec = {"method": "redrafter", "model": str(drafters["ok"])}
+    with pytest.raises(Exception) as info:
+        _engine_config(tiny_llama_dir, speculative_config=spec, async_scheduling=True)
+    assert "ReDrafter needs synchronous scheduling" in str(info.value)
+    assert "remove --async-scheduling" in str(info.value)
+
+
+def test_async_scheduling_left_to_vllm_is_off(tiny_llama_dir, drafters):
+    """Not forced: vLLM turns async scheduling off for custom_class drafting, which is
+    what the proposer asserts when it is built (proposers.redrafter.check_engine_support)."""
+    from vllm_redrafter.proposers.redrafter import check_engine_support
+
+    config = _engine_config(tiny_llama_dir, speculative_config={
+        "method": "redrafter", "model": str(drafters["ok"])})
+    assert config.scheduler_config.async_scheduling is False
+    check_engine_support(config)  # accepted
+    config.scheduler_config.async_scheduling = True
+    with pytest.raises(Exception, match="ReDrafter needs synchronous scheduling"):
+        check_engine_support(config)

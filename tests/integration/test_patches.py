@@ -126,3 +126,49 @@ def test_runner_hook_leaves_other_proposers_alone(method, drafter):
     with pytest.raises(AttributeError, match="total_num_scheduled_tokens"):
         runner.propose_draft_token_ids(SimpleNamespace(), [[5]], None, None, None, None,
                                        None, None, None)
+
+
+def _profiling_runner(drafter, method="custom_class"):
+    """A GPUModelRunner with only what vLLM's own profile_run reads (no __init__)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    events = []
+    runner = object.__new__(GPUModelRunner)
+    runner.supports_mm_inputs = False
+    runner.max_num_tokens = 64
+    runner.max_num_reqs = 48
+    runner.is_pooling_model = False
+    runner.encoder_cache = {}
+    runner.drafter = drafter
+    runner.speculative_config = SimpleNamespace(method=method)
+    runner._dummy_run = lambda n, **kw: events.append(("target", n)) or ("h", "last")
+    runner._dummy_sampler_run = lambda hidden: events.append(("sampler", hidden))
+    runner._sync_device = lambda: events.append(("sync",))
+    return runner, events
+
+
+def test_profile_hook_profiles_the_drafter_at_the_largest_batch(monkeypatch):
+    from vllm.v1.worker import gpu_model_runner
+
+    patches.ensure_applied(hooks.PROFILE_HOOK)
+    monkeypatch.setattr(gpu_model_runner, "get_pp_group",
+                        lambda: SimpleNamespace(is_last_rank=True))
+    drafter = SimpleNamespace()
+    runner, events = _profiling_runner(drafter)
+    drafter.profile_run = lambda num_reqs: events.append(("drafter", num_reqs))
+    runner.profile_run()
+    # vLLM's own profiling first, then the drafter at max_num_seqs, still inside it
+    assert events == [("target", 64), ("sampler", "last"), ("sync",), ("drafter", 48)]
+
+
+def test_profile_hook_leaves_other_proposers_alone(monkeypatch):
+    from vllm.v1.worker import gpu_model_runner
+
+    patches.ensure_applied(hooks.PROFILE_HOOK)
+    monkeypatch.setattr(gpu_model_runner, "get_pp_group",
+                        lambda: SimpleNamespace(is_last_rank=True))
+    drafter = SimpleNamespace()
+    runner, events = _profiling_runner(drafter, method="ngram")
+    drafter.profile_run = lambda num_reqs: events.append(("drafter", num_reqs))
+    runner.profile_run()
+    assert ("drafter", 48) not in events and ("target", 64) in events

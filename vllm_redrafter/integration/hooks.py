@@ -5,6 +5,7 @@
 patch                           target                                               applied
 ==============================  ==================================================  =========
 runner-propose-draft-hook       ``GPUModelRunner.propose_draft_token_ids``           proposer
+runner-profile-drafter          ``GPUModelRunner.profile_run``                       proposer
 engine-args-redrafter-config    ``EngineArgs.create_speculative_config``             plugin
 cli-speculative-model-arg       ``EngineArgs.add_cli_args``                          plugin
 cli-speculative-model-merge     ``EngineArgs.from_cli_args``                         plugin
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -60,24 +62,33 @@ RUNNER_PARAMETERS = (
 )
 
 
-def _apply_runner_hook() -> None:
-    compat.require_vllm_version(RUNNER_HOOK)
+def _runner_method(patch: str, name: str, parameters: tuple[str, ...]
+                   ) -> tuple[Any, Any, inspect.Signature] | None:
+    """``(GPUModelRunner, its method name, signature)`` checked for patch ``patch``, or
+    None if that patch is already installed. The CPU runner subclasses GPUModelRunner, so
+    an override of ``name`` there would bypass the wrapper: a PatchError."""
     from vllm.v1.worker import gpu_model_runner
 
-    runner_cls = compat.require_attribute(RUNNER_HOOK, gpu_model_runner, "GPUModelRunner")
-    current = compat.require_attribute(RUNNER_HOOK, runner_cls, "propose_draft_token_ids")
-    if is_patched(current, RUNNER_HOOK):
-        return
-    signature = compat.require_parameters(RUNNER_HOOK, current, RUNNER_PARAMETERS)
-    # The CPU runner subclasses GPUModelRunner; an override there would bypass the hook.
+    runner_cls = compat.require_attribute(patch, gpu_model_runner, "GPUModelRunner")
+    current = compat.require_attribute(patch, runner_cls, name)
+    if is_patched(current, patch):
+        return None
+    signature = compat.require_parameters(patch, current, parameters)
     cpu_module = sys.modules.get("vllm.v1.worker.cpu_model_runner")
     cpu_cls = getattr(cpu_module, "CPUModelRunner", None)
-    if cpu_cls is not None and "propose_draft_token_ids" in vars(cpu_cls):
+    if cpu_cls is not None and name in vars(cpu_cls):
         raise PatchError(
-            f"patch {RUNNER_HOOK}: CPUModelRunner overrides propose_draft_token_ids; "
-            "this vLLM version is not supported"
-        )
-    original = current
+            f"patch {patch}: CPUModelRunner overrides {name}; this vLLM version is not "
+            "supported")
+    return runner_cls, current, signature
+
+
+def _apply_runner_hook() -> None:
+    compat.require_vllm_version(RUNNER_HOOK)
+    found = _runner_method(RUNNER_HOOK, "propose_draft_token_ids", RUNNER_PARAMETERS)
+    if found is None:
+        return
+    runner_cls, original, signature = found
 
     @functools.wraps(original)
     def propose_draft_token_ids(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -120,6 +131,53 @@ register_patch(
         "upstream (e.g. a propose(..., target_hidden_states=...) extension), or vLLM "
         "gains a proposer registry with a hidden-state-aware interface.",
         apply=_apply_runner_hook,
+        stage="proposer",
+    )
+)
+
+
+# --------------------------------------------------------------------------------------
+# runner-profile-drafter: the drafter's peak memory inside vLLM's memory profiling
+# --------------------------------------------------------------------------------------
+
+PROFILE_HOOK = "runner-profile-drafter"
+PROFILE_PARAMETERS = ("self", "randomize_inputs")
+
+
+def _apply_profile_hook() -> None:
+    compat.require_vllm_version(PROFILE_HOOK)
+    found = _runner_method(PROFILE_HOOK, "profile_run", PROFILE_PARAMETERS)
+    if found is None:
+        return
+    runner_cls, original, _ = found
+
+    @functools.wraps(original)
+    def profile_run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        runner_state.profile_drafter(self)
+        return result
+
+    runner_cls.profile_run = mark_patched(profile_run, PROFILE_HOOK)
+
+
+register_patch(
+    Patch(
+        name=PROFILE_HOOK,
+        target="vllm.v1.worker.gpu_model_runner.GPUModelRunner.profile_run",
+        why="vLLM's memory profiling (the peak that sizes the KV cache under "
+        "gpu_memory_utilization) runs the target and the built-in drafters but never a "
+        "custom_class proposer, so the drafter's beam-search working memory at a full "
+        "batch would be outside the budget and could run out of memory under load.",
+        how="After the original profile run (still inside vLLM's memory_profiling "
+        "context, whose peak statistics it reset), integration/runner.py calls the "
+        "proposer's profile_run(max_num_seqs): one beam search at the largest batch on "
+        "dummy inputs, so its peak is part of what vLLM measures. Other proposers: "
+        "nothing. On CPU the same happens when vLLM warms up a compiled model (the "
+        "RSS-based KV sizing); eager CPU runs size the KV cache from "
+        "VLLM_CPU_KVCACHE_SPACE and never profile.",
+        remove_when="vLLM calls custom_class proposers' dummy_run during profile_run "
+        "(as it does for EAGLE/MTP drafters).",
+        apply=_apply_profile_hook,
         stage="proposer",
     )
 )
@@ -191,6 +249,12 @@ def _apply_config_hook() -> None:
         self: Any, target_model_config: Any, target_parallel_config: Any
     ) -> Any:
         view = _user_spec_view(self)
+        if spec_config.is_redrafter_request(view) or spec_config.is_custom_class_request(
+            view
+        ):
+            spec_config.check_engine_options(
+                int(getattr(target_parallel_config, "pipeline_parallel_size", 1)),
+                getattr(self, "async_scheduling", None))
         if spec_config.is_redrafter_request(view):
             assert view is not None
             hidden, vocab = _target_sizes(target_model_config)
@@ -235,6 +299,7 @@ register_patch(
         how="Before the original builds SpeculativeConfig from the user's dict (LLM(...), "
         "--speculative-config, --spec-* flags), a ReDrafter request is validated in "
         "process 0 (options, drafter config.json vs target hidden/vocab sizes, "
+        "pipeline parallelism and forced async scheduling refused, "
         "num_speculative_tokens == beam_length - 1) and rewritten to method="
         "'custom_class', model=<ReDrafterProposer path>; the settings move to "
         "additional_config['redrafter'], which vLLM hashes and pickles to every worker.",

@@ -226,6 +226,21 @@ def propose_drafts(runner: Any, drafter: Any, *, sampled_token_ids: Any,
     return apply_proposal(runner, proposal)
 
 
+def profile_drafter(runner: Any) -> None:
+    """Inside vLLM's memory profiling (``profile_run``): run the drafter at the largest
+    batch (``max_num_seqs``) so that its peak working memory is measured before the KV
+    cache is sized. A no-op for other proposers.
+
+    ``runner.drafter`` provides ``profile_run(num_reqs)``.
+    """
+    drafter = getattr(runner, "drafter", None)
+    warm_up = getattr(drafter, "profile_run", None)
+    spec = getattr(runner, "speculative_config", None)
+    if warm_up is None or getattr(spec, "method", None) != "custom_class":
+        return
+    warm_up(int(runner.max_num_reqs))
+
+
 def apply_proposal(runner: Any, proposal: Proposal) -> list[list[int]]:
     """Register the proposal's trees and return vLLM's per-request draft lists."""
     for req_id, tree in proposal.trees.items():

@@ -226,6 +226,39 @@ def _check_num_tokens(value: Any, options: ReDrafterOptions, *, derived_from: st
         )
 
 
+ASYNC_SCHEDULING_MESSAGE = (
+    "ReDrafter needs synchronous scheduling: each step's draft is computed from the "
+    "target's hidden state at the token that step accepted, which async scheduling has "
+    "not committed yet when it schedules the next step; remove --async-scheduling "
+    "(async_scheduling=True). vLLM turns it off by itself for ReDrafter when it is not "
+    "forced on")
+
+
+def check_pipeline_parallel(pipeline_parallel_size: int) -> None:
+    """Refuse pipeline parallelism (> 1 stage).
+
+    Raises:
+        ReDrafterConfigError: naming the setting and the alternative.
+    """
+    if pipeline_parallel_size > 1:
+        raise ReDrafterConfigError(
+            f"ReDrafter does not support pipeline parallelism (pipeline_parallel_size="
+            f"{pipeline_parallel_size}): the drafter runs on the last pipeline stage and "
+            "needs the target's input embedding, which only the first stage holds; use "
+            "tensor parallelism (tensor_parallel_size) across the GPUs instead")
+
+
+def check_engine_options(pipeline_parallel_size: int, async_scheduling: bool | None) -> None:
+    """Engine options ReDrafter cannot run with, refused at start-up.
+
+    Raises:
+        ReDrafterConfigError: pipeline parallelism > 1, or async scheduling forced on.
+    """
+    check_pipeline_parallel(pipeline_parallel_size)
+    if async_scheduling:
+        raise ReDrafterConfigError(ASYNC_SCHEDULING_MESSAGE)
+
+
 def translate_speculative_config(
     spec: Mapping[str, Any],
     *,

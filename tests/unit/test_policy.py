@@ -1,0 +1,121 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Load-aware drafting decisions on recorded cost tables (no engine)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_redrafter.policy import (
+    AcceptanceTracker,
+    DraftCostTable,
+    DraftPolicy,
+    StepCostTable,
+)
+
+# Recorded on this project's 2-core CPU (demo target, float32; verify-cost and bench of
+# 2026-11-30): seconds of a target step against the tokens it verifies.
+CPU_TARGET = {1: 0.100, 5: 0.110, 9: 0.126, 17: 0.151, 16: 0.150, 64: 0.40, 80: 0.50,
+              256: 1.50, 320: 1.90}
+# A GPU-like target: verification is almost free up to a few hundred tokens.
+FLAT_TARGET = {1: 0.020, 5: 0.020, 16: 0.0205, 80: 0.021, 256: 0.024, 320: 0.026}
+# Acceptance per depth of the demo drafter (chain W=4, L=5): 0.36/0.16/0.08/0.04.
+CHAIN_ACCEPTED = [0] * 64 + [1] * 20 + [2] * 8 + [3] * 4 + [4] * 4  # 100 requests
+
+
+def _policy(target: dict[int, float], draft_s: float, per_req: float = 0.0,
+            tree_nodes: int | None = None, accepted=CHAIN_ACCEPTED) -> DraftPolicy:
+    policy = DraftPolicy(max_length=4, tree_nodes=tree_nodes)
+    for n, seconds in target.items():
+        policy.target.observe(n, seconds)
+    for b in (1, 4, 16, 64):
+        policy.draft.observe(b, 4, draft_s + per_req * b)
+    for a in accepted:
+        policy.acceptance.observe(4, a)
+    return policy
+
+
+def test_cost_table_interpolates_and_extrapolates():
+    table = StepCostTable()
+    table.observe(8, 0.10)
+    table.observe(32, 0.16)
+    assert table.estimate(16) == pytest.approx(0.12)
+    assert table.estimate(64) == pytest.approx(0.24)
+    assert table.estimate(4) == pytest.approx(0.09)
+    assert StepCostTable().estimate(5) is None
+
+
+def test_cost_table_running_mean_per_bin():
+    table = StepCostTable()
+    table.observe(10, 1.0)
+    for _ in range(50):
+        table.observe(10, 2.0)
+    assert table.estimate(10) == pytest.approx(2.0, rel=1e-3)
+
+
+def test_acceptance_tracker_worked_example():
+    tracker = AcceptanceTracker(4, decay=1.0)
+    for a in (1, 0, 2):
+        tracker.observe(4, a)
+    assert [tracker.reach(d) for d in (1, 2, 3, 4)] == pytest.approx([2 / 3, 1 / 3, 0, 0])
+    assert tracker.expected_tokens(4) == pytest.approx(2.0)
+    assert AcceptanceTracker(4).expected_tokens(1) is None
+
+
+def test_batch_one_on_cpu_drafts():
+    """Drafting pays at batch 1; the deepest tokens are rarely accepted and each costs a
+    drafter step and a verified token, so the best chain is shorter than L - 1."""
+    policy = _policy(CPU_TARGET, draft_s=0.02)
+    decision = policy.choose(1)
+    assert decision.reason == "rate" and decision.length >= 1
+    assert decision.rates[decision.length] > decision.rates[0] * 1.15
+    assert decision.rates[decision.length] == max(decision.rates.values())
+
+
+def test_batch_sixteen_on_cpu_never_drafts():
+    """Verification is not free on this CPU: 16 requests x 5 tokens cost 3x a plain step,
+    which tau 1.68 cannot repay, so the policy turns drafting off."""
+    policy = _policy(CPU_TARGET, draft_s=0.02, per_req=0.002)
+    decision = policy.choose(16)
+    assert decision.length == 0 and decision.reason == "rate"
+    assert all(decision.rates[0] > rate for k, rate in decision.rates.items() if k)
+
+
+def test_flat_verification_cost_keeps_drafting_under_load():
+    policy = _policy(FLAT_TARGET, draft_s=0.002, per_req=0.00005)
+    decision = policy.choose(64)
+    assert decision.length >= 1 and decision.rates[decision.length] > 1.2 * decision.rates[0]
+
+
+def test_useless_drafter_is_switched_off_even_at_batch_one():
+    policy = _policy(CPU_TARGET, draft_s=0.02, accepted=[0] * 100)
+    assert policy.choose(1).length == 0
+
+
+def test_tree_mode_chooses_between_nothing_and_the_tree():
+    tree = _policy(CPU_TARGET, draft_s=0.03, tree_nodes=16)
+    assert tree.candidates() == [0, 4]
+    assert tree.verified_tokens(16, 4) == 16 * 17
+    assert tree.choose(16).length == 0  # 272 verified tokens: far too dear on CPU
+
+
+def test_warm_up_pinned_and_exploration():
+    fresh = DraftPolicy(max_length=4)
+    assert fresh.choose(8).reason == "warm-up" and fresh.choose(8).length == 4
+    pinned = _policy(CPU_TARGET, draft_s=0.02, per_req=0.002)
+    pinned.adaptive = False
+    assert pinned.choose(16).length == 4 and pinned.choose(16).reason == "pinned"
+    policy = _policy(CPU_TARGET, draft_s=0.02, per_req=0.002)
+    policy.explore_every = 5
+    lengths = [policy.choose(16).length for _ in range(10)]
+    assert lengths == [0, 0, 0, 0, 4, 0, 0, 0, 0, 4]  # one full draft every 5 idle steps
+    stats = policy.stats()
+    assert stats["no_draft_share"] == pytest.approx(0.8)
+    assert stats["mean_length"] == pytest.approx(0.8)
+
+
+def test_draft_cost_scales_from_the_nearest_measured_length():
+    table = DraftCostTable()
+    table.observe(4, 4, 0.040)
+    assert table.estimate(4, 2) == pytest.approx(0.020)
+    assert table.estimate(4, 0) == 0.0
+    assert DraftCostTable().estimate(4, 2) is None

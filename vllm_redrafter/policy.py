@@ -1,0 +1,272 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Load-aware drafting: how many tokens to draft this step, from measured costs.
+
+Speculation pays only while verifying drafted tokens is cheap next to the tokens they
+save. For a decode batch of ``B`` requests each drafting ``k`` tokens the expected speed is
+
+    rate(k) = B * E(k) / (T(B * (1 + k)) + D(B, k)),    E(k) = 1 + sum_{d=1..k} A(d)
+
+- ``T(n)``: measured seconds of a target step that verifies ``n`` tokens
+  (:class:`StepCostTable`, from the engine's own steps);
+- ``D(B, k)``: measured seconds of drafting ``k`` tokens for ``B`` requests
+  (:class:`DraftCostTable`);
+- ``A(d)``: measured share of drafted requests whose accepted path reached depth ``d``
+  (:class:`AcceptanceTracker`; in tree mode ``k`` counts the tree's nodes and ``E`` is the
+  tree's measured tokens per step).
+
+:class:`DraftPolicy` picks the ``k`` with the highest rate, ``k = 0`` (no draft, no drafting
+cost: plain decoding) included, so it drafts only when drafting is expected to be faster.
+Until every cost it needs has been measured it drafts fully (warm-up); while it is not
+drafting it drafts fully once every ``explore_every`` steps, so that acceptance and costs
+stay current.
+
+Worked example (the CPU numbers of the README, rounded): ``T(1) = 0.100``,
+``T(5) = 0.110``, ``D(1, 4) = 0.020`` s, ``A = (0.40, 0.16, 0.08, 0.04)``: ``rate(0) = 10.0``,
+``rate(4) = 1.68 / 0.130 = 12.9`` tok/s: draft. At ``B = 16``, ``T(16) = 0.16``,
+``T(80) = 0.50``, ``D(16, 4) = 0.06``: ``rate(0) = 100``, ``rate(4) = 16 * 1.68 / 0.56 = 48``:
+do not draft.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+EMA = 0.2
+"""Weight of a new observation in a cost bin's running mean."""
+
+BINS_PER_OCTAVE = 4
+"""Cost tables bin token and request counts on a log scale, 4 bins per doubling."""
+
+
+def _bin(n: int) -> int:
+    """Log-scale bin of ``n >= 1``. Example: 1 -> 0, 2 -> 4, 3 -> 6, 16 -> 16."""
+    return int(math.floor(math.log2(max(n, 1)) * BINS_PER_OCTAVE + 1e-9))
+
+
+@dataclass
+class _Bin:
+    n: float
+    seconds: float
+
+
+@dataclass
+class StepCostTable:
+    """Seconds of a step against its size ``n`` (tokens verified, or requests drafted).
+
+    Observations go into log-scale bins (running means of ``n`` and seconds); an
+    estimate at ``n`` interpolates linearly between the nearest measured bins, and
+    extrapolates from the two nearest on one side (never below the nearest measured
+    value when going up, never below zero going down).
+
+    Example: bins measured at n=8 (0.10 s) and n=32 (0.16 s): ``estimate(16) = 0.12``,
+    ``estimate(64) = 0.24``, ``estimate(4) = 0.09``.
+    """
+
+    bins: dict[int, _Bin] = field(default_factory=dict)
+
+    def observe(self, n: int, seconds: float) -> None:
+        if n < 1 or not math.isfinite(seconds) or seconds < 0:
+            return
+        key = _bin(n)
+        old = self.bins.get(key)
+        if old is None:
+            self.bins[key] = _Bin(float(n), seconds)
+        else:
+            old.n += EMA * (n - old.n)
+            old.seconds += EMA * (seconds - old.seconds)
+
+    def estimate(self, n: int) -> float | None:
+        """Estimated seconds at size ``n``; None with no measurement at all."""
+        points = sorted((b.n, b.seconds) for b in self.bins.values())
+        if not points:
+            return None
+        if len(points) == 1:
+            n0, s0 = points[0]
+            return s0 * max(n, 1) / n0 if n > n0 else s0  # proportional above, flat below
+        below = [p for p in points if p[0] <= n]
+        above = [p for p in points if p[0] > n]
+        if below and above:
+            (n0, s0), (n1, s1) = below[-1], above[0]
+        elif above:  # below every measurement
+            (n0, s0), (n1, s1) = above[0], above[1]
+        else:  # above every measurement
+            (n0, s0), (n1, s1) = below[-2], below[-1]
+        slope = (s1 - s0) / (n1 - n0) if n1 != n0 else 0.0
+        value = s0 + slope * (n - n0)
+        if not above:
+            value = max(value, s1)
+        return max(value, 0.0)
+
+    @property
+    def num_bins(self) -> int:
+        return len(self.bins)
+
+
+@dataclass
+class DraftCostTable:
+    """Seconds of one drafting step against the requests drafted, per draft length."""
+
+    by_length: dict[int, StepCostTable] = field(default_factory=dict)
+
+    def observe(self, num_reqs: int, length: int, seconds: float) -> None:
+        self.by_length.setdefault(length, StepCostTable()).observe(num_reqs, seconds)
+
+    def estimate(self, num_reqs: int, length: int) -> float | None:
+        """Measured at this length if possible, else scaled from the nearest measured
+        length (a drafting step is ``length`` drafter steps plus fixed work)."""
+        if length == 0:
+            return 0.0
+        table = self.by_length.get(length)
+        if table is not None:
+            return table.estimate(num_reqs)
+        if not self.by_length:
+            return None
+        nearest = min(self.by_length, key=lambda m: abs(m - length))
+        base = self.by_length[nearest].estimate(num_reqs)
+        return None if base is None else base * length / nearest
+
+
+@dataclass
+class AcceptanceTracker:
+    """Share of drafted requests whose accepted path reached each depth (decayed counts,
+    so recent steps weigh more).
+
+    ``observe(drafted_depth, accepted)``: one request's verified draft of depth
+    ``drafted_depth`` (chain length, or tree depth) of which ``accepted`` tokens were
+    accepted. ``reach(d)`` = accepted >= d among requests that drafted depth >= d.
+    Example: observations (4, 1), (4, 0), (4, 2) -> reach = (2/3, 1/3, 0, 0), E(4) = 2.0.
+    """
+
+    max_depth: int
+    decay: float = 0.999
+    drafted: list[float] = field(default_factory=list)
+    reached: list[float] = field(default_factory=list)
+    samples: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.drafted = [0.0] * (self.max_depth + 1)
+        self.reached = [0.0] * (self.max_depth + 1)
+
+    def observe(self, drafted_depth: int, accepted: int) -> None:
+        if drafted_depth < 1:
+            return
+        self.samples = self.samples * self.decay + 1
+        for d in range(1, self.max_depth + 1):
+            self.drafted[d] *= self.decay
+            self.reached[d] *= self.decay
+            if d <= drafted_depth:
+                self.drafted[d] += 1
+                self.reached[d] += accepted >= d
+
+    def reach(self, depth: int) -> float | None:
+        if self.drafted[depth] <= 0:
+            return None
+        return self.reached[depth] / self.drafted[depth]
+
+    def expected_tokens(self, depth: int) -> float | None:
+        """``E(depth) = 1 + sum of reach(d), d <= depth``; None if a depth is unmeasured."""
+        total = 1.0
+        for d in range(1, depth + 1):
+            share = self.reach(d)
+            if share is None:
+                return None
+            total += share
+        return total
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What :meth:`DraftPolicy.choose` decided, and why."""
+
+    length: int
+    """Tokens (chain) or tree nodes' depth to draft; 0 = no draft this step."""
+    reason: str
+    """``warm-up``, ``explore``, ``pinned`` or ``rate``."""
+    rates: dict[int, float] = field(default_factory=dict)
+    """Expected tokens/s per candidate length (empty unless ``reason == "rate"``)."""
+
+
+@dataclass
+class DraftPolicy:
+    """Picks the draft length of each step (see the module docstring).
+
+    Args:
+        max_length: ``L - 1``, the longest chain the drafter makes.
+        tree_nodes: drafted nodes of a full tree (``None`` in chain mode). In tree mode
+            the choice is between no draft and the full tree (whose tokens per step are
+            tracked at depth ``L - 1``).
+        adaptive: False pins the full draft on every step (the policy only measures).
+        explore_every: while not drafting, draft fully once every this many steps.
+        min_samples: drafted requests needed before acceptance is trusted.
+    """
+
+    max_length: int
+    tree_nodes: int | None = None
+    adaptive: bool = True
+    explore_every: int = 64
+    min_samples: int = 32
+    target: StepCostTable = field(default_factory=StepCostTable)
+    draft: DraftCostTable = field(default_factory=DraftCostTable)
+    acceptance: AcceptanceTracker = field(init=False)
+    idle_steps: int = 0
+    steps: int = 0
+    no_draft_steps: int = 0
+    drafted_length_sum: int = 0
+
+    def __post_init__(self) -> None:
+        self.acceptance = AcceptanceTracker(self.max_length)
+
+    def candidates(self) -> list[int]:
+        """Lengths considered: 0..L-1 for chains; 0 and the full tree in tree mode."""
+        if self.tree_nodes is not None:
+            return [0, self.max_length]
+        return list(range(self.max_length + 1))
+
+    def verified_tokens(self, num_reqs: int, length: int) -> int:
+        """Tokens the target verifies for ``num_reqs`` requests drafting ``length``."""
+        if length == 0:
+            return num_reqs
+        nodes = self.tree_nodes if self.tree_nodes is not None else length
+        return num_reqs * (1 + nodes)
+
+    def rate(self, num_reqs: int, length: int) -> float | None:
+        """Expected tokens per second, or None if a needed cost is unmeasured."""
+        tokens = 1.0 if length == 0 else self.acceptance.expected_tokens(length)
+        target = self.target.estimate(self.verified_tokens(num_reqs, length))
+        drafting = self.draft.estimate(num_reqs, length)
+        if tokens is None or target is None or drafting is None or target + drafting <= 0:
+            return None
+        return num_reqs * tokens / (target + drafting)
+
+    def choose(self, num_reqs: int) -> Decision:
+        """The draft length for a step drafting for ``num_reqs`` requests."""
+        decision = self._decide(num_reqs)
+        self.steps += 1
+        self.drafted_length_sum += decision.length
+        if decision.length == 0:
+            self.no_draft_steps += 1
+            self.idle_steps += 1
+        else:
+            self.idle_steps = 0
+        return decision
+
+    def _decide(self, num_reqs: int) -> Decision:
+        if not self.adaptive:
+            return Decision(self.max_length, "pinned")
+        if self.acceptance.samples < self.min_samples or self.target.num_bins < 2:
+            return Decision(self.max_length, "warm-up")
+        rates = {k: r for k in self.candidates()
+                 if (r := self.rate(num_reqs, k)) is not None}
+        if 0 not in rates or len(rates) < 2:
+            return Decision(self.max_length, "warm-up")
+        best = max(rates, key=lambda k: (rates[k], -k))  # ties: the shorter draft
+        if best == 0 and self.idle_steps + 1 >= self.explore_every:
+            return Decision(self.max_length, "explore", rates)
+        return Decision(best, "rate", rates)
+
+    def stats(self) -> dict[str, float]:
+        """Steps decided, share without a draft, mean draft length (for the bench)."""
+        steps = max(self.steps, 1)
+        return {"steps": float(self.steps), "no_draft_share": self.no_draft_steps / steps,
+                "mean_length": self.drafted_length_sum / steps}
