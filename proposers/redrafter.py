@@ -53,8 +53,9 @@ from vllm_redrafter.integration import compat, hooks, patches, spec_config, tree
 from vllm_redrafter.logger import get_logger
 from vllm_redrafter.graphs import CudaGraphBackend, GraphedSearch, batch_buckets
 from vllm_redrafter.memory import beam_search_peak_bytes
+from vllm_redrafter.policy import DraftPolicy
 from vllm_redrafter.scorers.chain import best_beam_drafts
-from vllm_redrafter.steps import DraftStep, Proposal, TreeDraft
+from vllm_redrafter.steps import DraftStep, Proposal, StepCosts, TreeDraft
 from vllm_redrafter.tree import build_tree
 
 logger = get_logger(__name__)
@@ -400,6 +401,7 @@ class ReDrafterProposer:
             )
         patches.ensure_applied(hooks.RUNNER_HOOK)
         patches.ensure_applied(hooks.PROFILE_HOOK)
+        patches.ensure_applied(hooks.TIMER_HOOK)
         check_engine_support(vllm_config)
 
         self.vllm_config = vllm_config
@@ -437,6 +439,13 @@ class ReDrafterProposer:
         """Pinned ``[max_num_reqs, W*L + 1]`` staging buffer of the drafts (CUDA)."""
         self._graphed: GraphedSearch | None = None
         """The beam search replayed from CUDA graphs (CUDA, TP = 1, not enforce_eager)."""
+        self.policy = DraftPolicy(
+            max_length=self.options.num_draft_tokens,
+            tree_nodes=self.options.max_tree_drafts if self.tree_mode else None,
+            adaptive=bool(self.options.adaptive))
+        """Load-aware drafting: measured costs and acceptance, and the per-step choice."""
+        self._step_beam_length = self.options.beam_length
+        """Beam length of the step being drafted (``length + 1`` of the policy's choice)."""
         self.profiled_batch = 0
         """Largest batch of a :meth:`profile_run` (vLLM's memory profiling) so far."""
         self.draft_seconds = 0.0
@@ -553,12 +562,13 @@ class ReDrafterProposer:
     def _beam_search(self, hidden: torch.Tensor, init_tokens: torch.Tensor) -> torch.Tensor:
         """``hidden [B, H]``, ``init_tokens [B]`` -> beams ``[B, W, L]`` (best first),
         replayed from a CUDA graph when they are captured."""
-        if self._graphed is not None:
+        length = self._step_beam_length
+        if self._graphed is not None and length == self.options.beam_length:
             return self._graphed(hidden.to(self.dtype), init_tokens)
-        return self._eager_beam_search(hidden, init_tokens)
+        return self._eager_beam_search(hidden, init_tokens, length)
 
-    def _eager_beam_search(self, hidden: torch.Tensor, init_tokens: torch.Tensor
-                           ) -> torch.Tensor:
+    def _eager_beam_search(self, hidden: torch.Tensor, init_tokens: torch.Tensor,
+                           beam_length: int | None = None) -> torch.Tensor:
         """The beam search itself (static shapes: what the CUDA graphs capture)."""
         assert self.drafter is not None and self.embed is not None
         beams = beam_search(
@@ -567,7 +577,7 @@ class ReDrafterProposer:
             hidden.to(self.dtype),
             init_tokens,
             self.options.beam_width,
-            self.options.beam_length,
+            beam_length or self.options.beam_length,
             draft_top_k=self.options.draft_top_k,
         )
         return beams.tokens  # [B, W, L]
@@ -604,6 +614,12 @@ class ReDrafterProposer:
             beam's ``L - 1`` tokens (a chain) for the others.
         """
         start = time.perf_counter()
+        self._observe(step.costs)
+        length = self._draft_length(len(step.requests))
+        if length == 0:  # not worth drafting this step: plain decoding
+            self.draft_seconds += time.perf_counter() - start
+            return Proposal()
+        self._step_beam_length = length + 1
         rows = self._to_device(step.rows, self._rows_cpu, self._rows)  # [B]
         hidden = sample_hidden_states.index_select(0, rows)  # [B, H]
         beams = self._draft_beams(step, hidden)  # [B, W, L] on the device
@@ -614,18 +630,47 @@ class ReDrafterProposer:
             raise FloatingPointError("non-finite target hidden state in the drafter's input")
         beams = host[:, :-1].reshape(beams.shape)  # [B, W, L]
         proposal = self._proposal(step, beams)
-        self.draft_seconds += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.policy.draft.observe(len(step.requests), length, elapsed)
+        self.draft_seconds += elapsed
         self.num_proposals += len(step.requests)
         return proposal
+
+    def _observe(self, costs: StepCosts | None) -> None:
+        """Feed the finished step's measured cost and acceptance to the policy."""
+        if costs is None:
+            return
+        if costs.forward_seconds is not None:
+            self.policy.target.observe(costs.num_tokens, costs.forward_seconds)
+        depth = self.options.num_draft_tokens
+        for drafted, accepted in costs.verified:
+            self.policy.acceptance.observe(min(drafted, depth), accepted)
+
+    def _draft_length(self, num_reqs: int) -> int:
+        """This step's draft length (0 = none). Under TP every rank uses rank 0's choice
+        (timings differ per rank; the beam search's collectives must not)."""
+        length = self.policy.choose(num_reqs).length
+        tp = int(getattr(getattr(self.drafter, "lm_head", None), "tp_size", 1))
+        if tp > 1 and self.policy.adaptive:
+            from vllm.distributed import get_tp_group
+
+            length = int(get_tp_group().broadcast_object(length, src=0))
+        return length
+
+    def policy_stats(self) -> dict[str, float]:
+        """Steps decided, share drafted nothing, mean draft length (bench)."""
+        return {"steps": float(self.policy.steps),
+                "no_draft_steps": float(self.policy.no_draft_steps),
+                "length_sum": float(self.policy.drafted_length_sum)}
 
     def _copy_to_host(self, packed: torch.Tensor) -> torch.Tensor:
         """The step's one device-to-host copy: into the pinned staging buffer on CUDA,
         then one stream synchronisation inside vLLM's allowed-sync scope."""
         if packed.device.type == "cpu":
             return packed
-        if self._host is None or packed.shape[1] != self._host.shape[1]:
+        if self._host is None or packed.numel() > self._host.numel():
             return packed.cpu()  # oracle drafts of another shape (tests)
-        out = self._host[: packed.shape[0]]
+        out = self._host.view(-1)[: packed.numel()].view(packed.shape)  # contiguous
         out.copy_(packed, non_blocking=True)
         with _sync_allowed():
             torch.cuda.current_stream().synchronize()

@@ -137,6 +137,10 @@ class ReDrafterOptions(BaseModel):
         tree: verify the deduplicated prefix tree of all beams instead of beam by beam.
         draft_top_k: if set, keep only the top-k drafter logits at each step
             (Apple uses 50); ``None`` disables the mask.
+        adaptive: load-aware drafting: each step drafts the chain length (or the tree,
+            or nothing) expected to give the most tokens per second from measured target
+            and drafter costs and acceptance (:mod:`vllm_redrafter.policy`); False drafts
+            ``L - 1`` tokens (the whole tree) on every step.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -155,6 +159,9 @@ class ReDrafterOptions(BaseModel):
     tree: bool = Field(default=False, description="Tree (deduplicated) verification.")
     draft_top_k: int | None = Field(
         default=None, description="Top-k mask on drafter logits (None = off), >= 1."
+    )
+    adaptive: bool = Field(
+        default=False, description="Load-aware drafting from measured costs."
     )
 
     @field_validator("beam_width", "beam_length")

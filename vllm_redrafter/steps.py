@@ -65,6 +65,23 @@ class DraftRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class StepCosts:
+    """What the step that just ran cost and yielded: load-aware drafting's inputs.
+
+    Attributes:
+        num_tokens: tokens the target computed in the step.
+        forward_seconds: seconds from the start of the step's model execution to
+            drafting (forward and sampling), or None if not measured.
+        verified: ``(drafted, accepted)`` per request that carried a draft: tokens (or
+            tree nodes) drafted for it and draft tokens accepted.
+    """
+
+    num_tokens: int
+    forward_seconds: float | None
+    verified: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class DraftStep:
     """The requests to draft for in one step.
 
@@ -72,11 +89,13 @@ class DraftStep:
         num_reqs: batch size (requests without a draft get ``[]``).
         requests: the requests that get a draft, in batch order.
         num_rows: rows of ``sample_hidden_states`` the step's layout implies.
+        costs: what the step that just ran cost and yielded (None when unmeasured).
     """
 
     num_reqs: int
     requests: list[DraftRequest]
     num_rows: int
+    costs: StepCosts | None = None
 
     @property
     def rows(self) -> list[int]:

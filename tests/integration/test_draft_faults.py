@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vllm_redrafter.integration import runner as runner_state
+from vllm_redrafter.policy import DraftPolicy
 from vllm_redrafter.proposers.redrafter import ReDrafterProposer
 from vllm_redrafter.steps import Proposal
 
@@ -63,6 +64,9 @@ def test_a_failing_step_drafts_nothing_and_the_next_step_drafts_again(caplog):
 
 def test_non_finite_hidden_states_are_a_fault_not_a_draft():
     proposer = object.__new__(ReDrafterProposer)  # only propose_step's input check runs
+    proposer.policy = DraftPolicy(max_length=2, adaptive=False)
+    proposer.options = SimpleNamespace(num_draft_tokens=2)
+    proposer.drafter = None
     proposer._rows_cpu = torch.zeros(4, dtype=torch.int64)
     proposer._rows = torch.zeros(4, dtype=torch.int64)
     proposer._host = None

@@ -84,7 +84,7 @@ STABLE_KEYS = {
     "mean_acceptance_length", "acceptance_per_depth", "draft_acceptance_rate",
     "mean_verified_tokens", "num_drafts",
     "num_draft_tokens", "num_accepted_tokens", "draft_time_share", "identical_to_baseline",
-    "compared_to_baseline"}
+    "compared_to_baseline", "no_draft_share", "mean_draft_length"}
 
 
 def test_report_schema_and_files(tmp_path):
@@ -115,3 +115,20 @@ def test_verified_tokens_and_tree_config_names():
     specs = config_specs("d", 4, 5, names=["redrafter@W1L5"])
     assert specs["redrafter-tree"]["tree"] is True and specs["redrafter"]["tree"] is False
     assert specs["redrafter@W1L5"]["beam_width"] == 1
+    auto = config_specs("d", 4, 5, names=["redrafter+auto", "redrafter-tree@W2L4+auto",
+                                           "ngram+auto"])
+    assert auto["redrafter+auto"] == {**auto["redrafter"], "adaptive": True}
+    assert auto["redrafter-tree@W2L4+auto"]["beam_width"] == 2
+    assert auto["redrafter-tree@W2L4+auto"]["adaptive"] is True
+    assert "ngram+auto" not in auto and "adaptive" not in auto["redrafter"]
+
+
+def test_policy_columns():
+    cell = _cell("redrafter", 4, 0.0, 50, 2.5, rep.SpecCounters(4, 12, 6, [3, 2, 1]),
+                 token_ids=[[1]])
+    cell.policy = {"steps": 10.0, "no_draft_steps": 4.0, "length_sum": 18.0}
+    assert cell.no_draft_share == 0.4 and cell.mean_draft_length == 1.8
+    row = rep.summarize([cell])[0]
+    assert row["no_draft_share"] == 0.4 and row["mean_draft_length"] == 1.8
+    assert "| 40% | 1.80 |" in rep.markdown_table({"results": [row]})
+    assert _cell("none", 4, 0.0, 50, 2.5).no_draft_share is None

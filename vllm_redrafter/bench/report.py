@@ -113,6 +113,21 @@ class CellResult:
     draft_s: float | None = None  # time inside the drafter (ReDrafter only)
     counters: SpecCounters = dataclasses.field(default_factory=SpecCounters)
     token_ids: list[list[int]] = dataclasses.field(default_factory=list)
+    policy: dict[str, float] | None = None
+    """Drafting-policy counters over the cell: ``steps`` decided, ``no_draft_steps``,
+    ``length_sum`` (ReDrafter only)."""
+
+    @property
+    def no_draft_share(self) -> float | None:
+        """Share of the proposer's steps that drafted nothing (policy's choice)."""
+        steps = (self.policy or {}).get("steps", 0.0)
+        return None if steps <= 0 else self.policy["no_draft_steps"] / steps
+
+    @property
+    def mean_draft_length(self) -> float | None:
+        """Mean draft length the policy chose per step (0 for no draft)."""
+        steps = (self.policy or {}).get("steps", 0.0)
+        return None if steps <= 0 else self.policy["length_sum"] / steps
 
     @property
     def key(self) -> tuple[int, float]:
@@ -171,6 +186,8 @@ def summarize(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
             "num_draft_tokens": c.counters.num_draft_tokens,
             "num_accepted_tokens": c.counters.num_accepted_tokens,
             "draft_time_share": _round(c.draft_time_share),
+            "no_draft_share": _round(c.no_draft_share),
+            "mean_draft_length": _round(c.mean_draft_length),
             "identical_to_baseline": identical,
             "compared_to_baseline": compared,
         })
@@ -204,15 +221,20 @@ def _depths(values: list[float] | None, keep: int = 4) -> list[float] | None:
     return values[: min(len(values), last + 1)]
 
 
+def _percent(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """The results as a Markdown table (one row per cell)."""
     head = ("| config | conc. | temp | tok/s | vs none | τ | accept/depth | verified/step "
-            "| draft time | identical |\n|---|---|---|---|---|---|---|---|---|---|")
+            "| draft time | no-draft steps | draft len | identical |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in report["results"]:
         if r["status"] != "ok":
             lines.append(f"| {r['config']} | {r['concurrency']} | {r['temperature']} | "
-                         f"failed: {str(r['error'])[:60]} | | | | | | |")
+                         f"failed: {str(r['error'])[:60]} | | | | | | | | |")
             continue
         ident = (f"{r['identical_to_baseline']}/{r['compared_to_baseline']}"
                  if r["identical_to_baseline"] is not None else "–")
@@ -224,7 +246,9 @@ def markdown_table(report: dict[str, Any]) -> str:
             f" | {_fmt(r['mean_acceptance_length'], '.2f')} | "
             f"{_fmt(_depths(r['acceptance_per_depth']))} | "
             f"{_fmt(r.get('mean_verified_tokens'), '.1f')} | "
-            f"{'–' if share is None else f'{100 * share:.0f}%'} | {ident} |")
+            f"{'–' if share is None else f'{100 * share:.0f}%'} | "
+            f"{_percent(r.get('no_draft_share'))} | {_fmt(r.get('mean_draft_length'), '.2f')} | "
+            f"{ident} |")
     return "\n".join(lines) + "\n"
 
 

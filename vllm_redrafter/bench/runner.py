@@ -60,11 +60,33 @@ def config_specs(drafter: str | None, beam_width: int, beam_length: int,
         specs["redrafter"] = _redrafter_spec(drafter, beam_width, beam_length, tree=False)
         specs["redrafter-tree"] = _redrafter_spec(drafter, beam_width, beam_length, tree=True)
         for name in names:
-            parsed = parse_redrafter_name(name)
-            if parsed is not None:
-                tree, width, length = parsed
-                specs[name] = _redrafter_spec(drafter, width, length, tree=tree)
+            spec = _named_spec(name, drafter, specs)
+            if spec is not None:
+                specs[name] = spec
     return specs
+
+
+AUTO_SUFFIX = "+auto"
+"""Config-name suffix that turns load-aware drafting on (``"adaptive": true``)."""
+
+
+def _named_spec(name: str, drafter: str, specs: dict[str, dict[str, Any] | None]
+                ) -> dict[str, Any] | None:
+    """The spec a ``--configs`` name asks for: ``redrafter[-tree]@W<w>L<l>``, or any
+    ReDrafter name with ``+auto`` (e.g. ``redrafter+auto``, ``redrafter@W4L3+auto``)."""
+    adaptive = name.endswith(AUTO_SUFFIX)
+    base = name[: -len(AUTO_SUFFIX)] if adaptive else name
+    parsed = parse_redrafter_name(base)
+    if parsed is not None:
+        tree, width, length = parsed
+        spec = _redrafter_spec(drafter, width, length, tree=tree)
+    elif adaptive and isinstance(specs.get(base), dict) and specs[base]["method"] == "redrafter":
+        spec = dict(specs[base])
+    else:
+        return None
+    if adaptive:
+        spec["adaptive"] = True
+    return spec
 
 
 def _redrafter_spec(drafter: str, width: int, length: int, tree: bool) -> dict[str, Any]:

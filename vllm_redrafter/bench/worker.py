@@ -25,6 +25,21 @@ def _drafter_seconds(worker: Any) -> float:
     return float(getattr(drafter, "draft_seconds", 0.0) or 0.0)
 
 
+def _drafter_policy(worker: Any) -> dict[str, float]:
+    """The ReDrafter proposer's policy counters on one worker (empty for others)."""
+    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    stats = getattr(drafter, "policy_stats", None)
+    return stats() if callable(stats) else {}
+
+
+def _policy_counters(llm: Any) -> dict[str, float]:
+    try:
+        values = llm.collective_rpc(_drafter_policy)
+    except Exception:  # optional, like the drafter timing
+        return {}
+    return values[0] if values else {}
+
+
 def _draft_seconds(llm: Any) -> float | None:
     try:
         values = llm.collective_rpc(_drafter_seconds)
@@ -78,9 +93,12 @@ def main(job_path: str, result_path: str) -> int:
         for concurrency in s["concurrency"]:
             before = counters_from_metrics(llm.get_metrics())
             draft_before = _draft_seconds(llm)
+            policy_before = _policy_counters(llm)
             token_ids, wall = _run_cell(llm, s["prompts"], s["max_tokens"], concurrency,
                                         temperature, s["seed"], f"c{concurrency}t{temperature}")
             draft_after = _draft_seconds(llm)
+            policy_after = _policy_counters(llm)
+            policy = {k: policy_after[k] - policy_before.get(k, 0.0) for k in policy_after}
             counters = counters_from_metrics(llm.get_metrics()).minus(before)
             draft_s = (draft_after - draft_before
                        if draft_before is not None and draft_after is not None else None)
@@ -88,7 +106,8 @@ def main(job_path: str, result_path: str) -> int:
                 config=name, concurrency=concurrency, temperature=temperature,
                 num_prompts=len(token_ids), output_tokens=sum(map(len, token_ids)),
                 wall_s=wall, draft_s=draft_s if spec else None,
-                counters=counters if spec else SpecCounters(), token_ids=token_ids)
+                counters=counters if spec else SpecCounters(), token_ids=token_ids,
+                policy=policy or None)
             cells.append(cell)
             print(f"[bench] {name} c={concurrency} T={temperature}: "
                   f"{cell.output_tokens / wall:.1f} tok/s", file=sys.stderr, flush=True)

@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="configurations to run (default none,ngram,redrafter,"
                              "redrafter-tree); redrafter = chain verification of the best "
                              "beam, redrafter-tree = the deduplicated tree of all beams; "
-                             "redrafter[-tree]@W<w>L<l> sets the beams of one config")
+                             "redrafter[-tree]@W<w>L<l> sets the beams of one config; a +auto "
+                             "suffix (redrafter+auto) turns load-aware drafting on")
     parser.add_argument("--beam-width", type=int, default=None,
                         help="ReDrafter beam width (default: the checkpoint's)")
     parser.add_argument("--beam-length", type=int, default=None,

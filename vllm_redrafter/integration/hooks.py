@@ -6,6 +6,7 @@ patch                           target                                          
 ==============================  ==================================================  =========
 runner-propose-draft-hook       ``GPUModelRunner.propose_draft_token_ids``           proposer
 runner-profile-drafter          ``GPUModelRunner.profile_run``                       proposer
+runner-step-timer               ``GPUModelRunner.execute_model``                     proposer
 engine-args-redrafter-config    ``EngineArgs.create_speculative_config``             plugin
 cli-speculative-model-arg       ``EngineArgs.add_cli_args``                          plugin
 cli-speculative-model-merge     ``EngineArgs.from_cli_args``                         plugin
@@ -108,6 +109,7 @@ def _apply_runner_hook() -> None:
             sampled_token_ids=arguments["sampled_token_ids"],
             sample_hidden_states=arguments["sample_hidden_states"],
             spec_decode_metadata=arguments["spec_decode_metadata"],
+            scheduler_output=arguments["scheduler_output"],
         )
 
     runner_cls.propose_draft_token_ids = mark_patched(propose_draft_token_ids, RUNNER_HOOK)
@@ -178,6 +180,46 @@ register_patch(
         remove_when="vLLM calls custom_class proposers' dummy_run during profile_run "
         "(as it does for EAGLE/MTP drafters).",
         apply=_apply_profile_hook,
+        stage="proposer",
+    )
+)
+
+
+# --------------------------------------------------------------------------------------
+# runner-step-timer: when a step's model execution starts (load-aware drafting)
+# --------------------------------------------------------------------------------------
+
+TIMER_HOOK = "runner-step-timer"
+TIMER_PARAMETERS = ("self", "scheduler_output", "intermediate_tensors")
+
+
+def _apply_timer_hook() -> None:
+    compat.require_vllm_version(TIMER_HOOK)
+    found = _runner_method(TIMER_HOOK, "execute_model", TIMER_PARAMETERS)
+    if found is None:
+        return
+    runner_cls, original, _ = found
+
+    @functools.wraps(original)
+    def execute_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        runner_state.note_step_start()
+        return original(self, *args, **kwargs)
+
+    runner_cls.execute_model = mark_patched(execute_model, TIMER_HOOK)
+
+
+register_patch(
+    Patch(
+        name=TIMER_HOOK,
+        target="vllm.v1.worker.gpu_model_runner.GPUModelRunner.execute_model",
+        why="Load-aware drafting needs the measured cost of a target step against the "
+        "tokens it verifies; vLLM times no step inside the worker.",
+        how="Wrapper records time.perf_counter() in integration/runner.py, then calls the "
+        "original; the propose hook turns it into the step's forward seconds (with "
+        "scheduler_output.total_num_scheduled_tokens) for the proposer's cost model.",
+        remove_when="vLLM exposes per-step forward timings to speculative proposers (or "
+        "adaptive draft lengths upstream).",
+        apply=_apply_timer_hook,
         stage="proposer",
     )
 )

@@ -36,6 +36,7 @@ never set it in production).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ from vllm_redrafter.steps import (
     DraftStep,
     Proposal,
     SamplingView,
+    StepCosts,
     TreeDraft,
     tree_fallback_reason,
 )
@@ -132,6 +134,7 @@ class _WorkerState:
     current: TreeVerifyStep | None = None
     last_nodes: dict[str, int] = field(default_factory=dict)
     draft_faults: int = 0
+    step_started: float | None = None
 
 
 def draft_fault_count() -> int:
@@ -151,6 +154,25 @@ def _draft_fault(step: DraftStep, exc: BaseException) -> list[list[int]]:
 
 
 _STATE = _WorkerState()
+
+
+def note_step_start() -> None:
+    """The model runner starts executing a step (hook ``runner-step-timer``)."""
+    _STATE.step_started = time.perf_counter()
+
+
+def _step_costs(scheduler_output: Any, sampled_token_ids: list[list[int]],
+                spec_decode_metadata: Any) -> StepCosts:
+    """The finished step's size, forward time and per-request (drafted, accepted)."""
+    started, _STATE.step_started = _STATE.step_started, None
+    seconds = None if started is None else time.perf_counter() - started
+    num_tokens = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
+    verified: list[tuple[int, int]] = []
+    if spec_decode_metadata is not None:
+        for drafted, sampled in zip(spec_decode_metadata.num_draft_tokens, sampled_token_ids):
+            if drafted > 0 and sampled:
+                verified.append((int(drafted), len(sampled) - 1))
+    return StepCosts(num_tokens, seconds, tuple(verified))
 
 
 def current_tree_step() -> TreeVerifyStep | None:
@@ -173,6 +195,7 @@ def read_draft_step(
     *,
     tree_mode: bool,
     with_history: bool = False,
+    costs: StepCosts | None = None,
 ) -> DraftStep:
     """The :class:`DraftStep` of the step that just ran.
 
@@ -193,12 +216,12 @@ def read_draft_step(
         if with_history:
             history = batch.token_ids_cpu[index, : int(batch.num_tokens_no_spec[index])]
         requests.append(DraftRequest(req_id, index, row, init, tree_ok, history))
-    return DraftStep(len(sampled_token_ids), requests, context.num_rows)
+    return DraftStep(len(sampled_token_ids), requests, context.num_rows, costs)
 
 
 def propose_drafts(runner: Any, drafter: Any, *, sampled_token_ids: Any,
-                   sample_hidden_states: torch.Tensor, spec_decode_metadata: Any
-                   ) -> list[list[int]]:
+                   sample_hidden_states: torch.Tensor, spec_decode_metadata: Any,
+                   scheduler_output: Any = None) -> list[list[int]]:
     """One drafting step: read the step, ask ``drafter.propose_step``, apply the answer.
 
     ``drafter`` provides ``propose_step(step, sample_hidden_states) -> Proposal`` and the
@@ -209,9 +232,11 @@ def propose_drafts(runner: Any, drafter: Any, *, sampled_token_ids: Any,
             "ReDrafter expects the CPU sampled-token lists of custom_class proposers, "
             f"got {type(sampled_token_ids).__name__}"
         )
+    costs = _step_costs(scheduler_output, sampled_token_ids, spec_decode_metadata)
     step = read_draft_step(runner, sampled_token_ids, spec_decode_metadata,
                            tree_mode=bool(getattr(drafter, "tree_mode", False)),
-                           with_history=bool(getattr(drafter, "wants_history", False)))
+                           with_history=bool(getattr(drafter, "wants_history", False)),
+                           costs=costs)
     if step.num_rows != sample_hidden_states.shape[0]:
         raise RuntimeError(
             f"ReDrafter row layout mismatch: {step.num_rows} rows expected, "

@@ -1,0 +1,104 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Load-aware drafting's glue (no engine): the runner's step costs, the step timer patch,
+and the proposer drafting the policy's length (nothing, a shorter chain, or all)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from vllm_redrafter.integration import hooks, patches
+from vllm_redrafter.integration import runner as runner_state
+from vllm_redrafter.policy import DraftPolicy, Decision
+from vllm_redrafter.proposers.redrafter import ReDrafterProposer
+from vllm_redrafter.steps import DraftRequest, DraftStep, StepCosts
+
+
+def test_step_costs_from_the_finished_step():
+    runner_state.note_step_start()
+    costs = runner_state._step_costs(
+        SimpleNamespace(total_num_scheduled_tokens=11), [[1, 2, 3], [5], [7], []],
+        SimpleNamespace(num_draft_tokens=[4, 0, 2, 3]))
+    assert costs.num_tokens == 11
+    assert costs.forward_seconds is not None and 0 <= costs.forward_seconds < 5
+    # request 1 carried no draft; request 3 sampled nothing (partial prefill)
+    assert costs.verified == ((4, 2), (2, 0))
+    again = runner_state._step_costs(SimpleNamespace(total_num_scheduled_tokens=3), [[1]],
+                                     None)
+    assert again.forward_seconds is None and again.verified == ()  # timer consumed
+
+
+def test_step_timer_patch_stamps_before_the_original():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_redrafter import plugin
+
+    plugin.register()
+    patches.ensure_applied(hooks.TIMER_HOOK)
+    runner_state._STATE.step_started = None
+    runner = object.__new__(GPUModelRunner)
+    runner.execute_model_state = "busy"  # vLLM's original raises on it at once
+    try:
+        runner.execute_model(SimpleNamespace())
+    except RuntimeError as exc:
+        assert "sample_tokens() must be called" in str(exc)
+    assert runner_state._STATE.step_started is not None
+
+
+class _FixedPolicy(DraftPolicy):
+    def __init__(self, length: int) -> None:
+        super().__init__(max_length=4)
+        self.fixed = length
+
+    def _decide(self, num_reqs: int) -> Decision:
+        return Decision(self.fixed, "rate")
+
+
+def _proposer(length: int) -> ReDrafterProposer:
+    proposer = object.__new__(ReDrafterProposer)
+    proposer.policy = _FixedPolicy(length)
+    proposer.options = SimpleNamespace(num_draft_tokens=4, beam_length=5)
+    proposer.drafter = None
+    proposer.tree_mode = False
+    proposer.num_speculative_tokens = 4
+    proposer._rows_cpu = torch.zeros(4, dtype=torch.int64)
+    proposer._rows = torch.zeros(4, dtype=torch.int64)
+    proposer._host = None
+    proposer.draft_seconds, proposer.num_proposals = 0.0, 0
+    proposer.calls = []
+
+    def draft_beams(step, hidden):  # noqa: ANN001, ANN202
+        length = proposer._step_beam_length
+        proposer.calls.append(length)
+        beams = torch.arange(3 * length).view(1, 3, length).repeat(2, 1, 1)
+        return beams[: len(step.requests)]
+
+    proposer._draft_beams = draft_beams
+    return proposer
+
+
+def _step():
+    requests = [DraftRequest("a", 0, 0, 7), DraftRequest("b", 1, 1, 8)]
+    return DraftStep(2, requests, 2, StepCosts(10, 0.05, ((4, 1), (4, 0))))
+
+
+def test_no_draft_runs_no_beam_search_and_sends_nothing():
+    proposer = _proposer(0)
+    proposal = proposer.propose_step(_step(), torch.zeros(2, 3))
+    assert proposal.drafts == {} and proposer.calls == []
+    assert proposer.policy.no_draft_steps == 1
+    # the finished step's costs and acceptance reached the policy
+    assert proposer.policy.target.estimate(10) == 0.05
+    assert abs(proposer.policy.acceptance.reach(1) - 0.5) < 1e-3
+
+
+def test_shorter_and_full_drafts():
+    short = _proposer(2)
+    proposal = short.propose_step(_step(), torch.zeros(2, 3))
+    assert short.calls == [3]  # beam length = length + 1
+    assert all(len(d) == 2 for d in proposal.drafts.values())
+    assert 2 in short.policy.draft.by_length  # drafting cost measured at that length
+    full = _proposer(4)
+    proposal = full.propose_step(_step(), torch.zeros(2, 3))
+    assert full.calls == [5] and all(len(d) == 4 for d in proposal.drafts.values())
