@@ -17,8 +17,8 @@ save. For a decode batch of ``B`` requests each drafting ``k`` tokens the expect
 :class:`DraftPolicy` picks the ``k`` with the highest rate, ``k = 0`` (no draft, no drafting
 cost: plain decoding) included, so it drafts only when drafting is expected to be faster.
 Until every cost it needs has been measured it drafts fully (warm-up); while it is not
-drafting it drafts fully once every ``explore_every`` steps, so that acceptance and costs
-stay current.
+drafting it drafts once every ``explore_every`` steps with the draft closest to paying
+(usually one token: cheap under load), so that acceptance and costs stay current.
 
 Worked example (the CPU numbers of the README, rounded): ``T(1) = 0.100``,
 ``T(5) = 0.110``, ``D(1, 4) = 0.020`` s, ``A = (0.40, 0.16, 0.08, 0.04)``: ``rate(0) = 10.0``,
@@ -197,7 +197,8 @@ class DraftPolicy:
             the choice is between no draft and the full tree (whose tokens per step are
             tracked at depth ``L - 1``).
         adaptive: False pins the full draft on every step (the policy only measures).
-        explore_every: while not drafting, draft fully once every this many steps.
+        explore_every: while not drafting, draft (the best-rated length) once every this
+            many steps.
         min_samples: drafted requests needed before acceptance is trusted.
     """
 
@@ -262,7 +263,10 @@ class DraftPolicy:
             return Decision(self.max_length, "warm-up")
         best = max(rates, key=lambda k: (rates[k], -k))  # ties: the shorter draft
         if best == 0 and self.idle_steps + 1 >= self.explore_every:
-            return Decision(self.max_length, "explore", rates)
+            # the draft closest to paying: cheap to try under load, and what would be
+            # chosen first if its measurements turn out better than estimated
+            drafts = [k for k in rates if k > 0]
+            return Decision(max(drafts, key=lambda k: (rates[k], -k)), "explore", rates)
         return Decision(best, "rate", rates)
 
     def stats(self) -> dict[str, float]:

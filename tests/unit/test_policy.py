@@ -106,11 +106,16 @@ def test_warm_up_pinned_and_exploration():
     assert pinned.choose(16).length == 4 and pinned.choose(16).reason == "pinned"
     policy = _policy(CPU_TARGET, draft_s=0.02, per_req=0.002)
     policy.explore_every = 5
-    lengths = [policy.choose(16).length for _ in range(10)]
-    assert lengths == [0, 0, 0, 0, 4, 0, 0, 0, 0, 4]  # one full draft every 5 idle steps
+    decisions = [policy.choose(16) for _ in range(10)]
+    lengths = [d.length for d in decisions]
+    explore = decisions[4]
+    assert explore.reason == "explore"
+    best_draft = max((k for k in explore.rates if k), key=lambda k: explore.rates[k])
+    assert best_draft == 1  # under load the cheapest draft is the one closest to paying
+    assert lengths == [0, 0, 0, 0, 1, 0, 0, 0, 0, 1]  # one draft every 5 idle steps
     stats = policy.stats()
     assert stats["no_draft_share"] == pytest.approx(0.8)
-    assert stats["mean_length"] == pytest.approx(0.8)
+    assert stats["mean_length"] == pytest.approx(0.2)
 
 
 def test_draft_cost_scales_from_the_nearest_measured_length():
