@@ -102,3 +102,34 @@ def test_shorter_and_full_drafts():
     full = _proposer(4)
     proposal = full.propose_step(_step(), torch.zeros(2, 3))
     assert full.calls == [5] and all(len(d) == 4 for d in proposal.drafts.values())
+
+
+def _sampling_runner(method="custom_class"):
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    calls = []
+    runner = object.__new__(GPUModelRunner)
+    runner.drafter = SimpleNamespace(propose_step=lambda step, hidden: None)
+    runner.speculative_config = SimpleNamespace(method=method)
+    runner.input_batch = SimpleNamespace(sampling_metadata="meta",
+                                         update_async_output_token_ids=lambda: None)
+    runner.use_async_scheduling = False
+    runner.sampler = lambda logits, sampling_metadata: calls.append("plain") or "plain"
+    runner.rejection_sampler = lambda *args: calls.append("rejection") or "rejection"
+    runner._get_spec_decode_draft_probs = lambda metadata: None
+    return runner, calls
+
+
+def test_steps_without_drafts_use_the_plain_sampler():
+    from vllm_redrafter import plugin
+
+    plugin.register()
+    patches.ensure_applied(hooks.NO_DRAFT_HOOK)
+    runner, calls = _sampling_runner()
+    assert runner._sample("logits", SimpleNamespace(num_draft_tokens=[0, 0])) == "plain"
+    assert runner._sample("logits", SimpleNamespace(num_draft_tokens=[2, 0])) == "rejection"
+    assert runner._sample("logits", None) == "plain"
+    # other speculative methods keep vLLM's behaviour (negative control)
+    other, _ = _sampling_runner(method="ngram")
+    assert other._sample("logits", SimpleNamespace(num_draft_tokens=[0, 0])) == "rejection"
+    assert calls == ["plain", "rejection", "plain"]

@@ -175,6 +175,20 @@ def _step_costs(scheduler_output: Any, sampled_token_ids: list[list[int]],
     return StepCosts(num_tokens, seconds, tuple(verified))
 
 
+def step_has_no_drafts(runner: Any, spec_decode_metadata: Any) -> bool:
+    """True when ReDrafter drafts for ``runner`` and no request of this step carries a
+    draft token (then vLLM's plain sampler is exact and cheaper than its rejection
+    sampler)."""
+    if spec_decode_metadata is None:
+        return False
+    drafter = getattr(runner, "drafter", None)
+    spec = getattr(runner, "speculative_config", None)
+    if getattr(drafter, "propose_step", None) is None or getattr(
+            spec, "method", None) != "custom_class":
+        return False
+    return not any(spec_decode_metadata.num_draft_tokens)
+
+
 def current_tree_step() -> TreeVerifyStep | None:
     """The tree verification in flight in this process (None outside one)."""
     return _STATE.current
