@@ -143,6 +143,34 @@ def check_engine_support(vllm_config: Any) -> None:
         bool(getattr(vllm_config.scheduler_config, "async_scheduling", False)))
 
 
+def _shard_logits(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[*, D]`` features -> this rank's ``[N, V_padded / tp]`` logits of the
+    vocab-parallel ``head`` (through its quant method, as vLLM's logits processor)."""
+    return head.quant_method.apply(head, x.reshape(-1, x.shape[-1]))
+
+
+def _full_logits(local: torch.Tensor, tp_size: int, vocab_size: int) -> torch.Tensor:
+    """Every rank's ``[N, V_padded / tp]`` shards all-gathered -> ``[N, V]`` (padding
+    columns dropped)."""
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    if tp_size > 1:
+        local = tensor_model_parallel_all_gather(local.contiguous(), dim=-1)
+    return local[:, :vocab_size]
+
+
+def _merged_candidates(packed: torch.Tensor, tp_size: int, k: int, top_k: int | None,
+                       lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's packed ``[N, 2m + 1]`` shard candidates, all-gathered and merged on
+    every rank -> ``([*lead, K] float32, [*lead, K] int64)``."""
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    gathered = tensor_model_parallel_all_gather(packed.contiguous(), dim=-1)
+    gathered = gathered.view(packed.shape[0], tp_size, packed.shape[1])  # [N, tp, 2m+1]
+    log_probs, ids = merge_shard_candidates(gathered, k, top_k)  # [N, K] x2
+    return log_probs.reshape(*lead, -1), ids.reshape(*lead, -1)
+
+
 class VocabParallelDraftHead(nn.Module):
     """The drafter's output projection ``Linear(E, Vd, bias=False)``, vocab-sharded.
 
@@ -182,13 +210,8 @@ class VocabParallelDraftHead(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """``[*, E]`` features -> ``[*, Vd]`` full-vocabulary logits on every rank."""
-        from vllm.distributed import tensor_model_parallel_all_gather
-
-        flat = z.reshape(-1, z.shape[-1])  # [N, E]
-        local = self.head.quant_method.apply(self.head, flat)  # [N, Vd_padded / tp]
-        if self.tp_size > 1:
-            local = tensor_model_parallel_all_gather(local.contiguous(), dim=-1)
-        logits = local[:, : self.vocab_size]  # [N, Vd]
+        local = _shard_logits(self.head, z)  # [N, Vd_padded / tp]
+        logits = _full_logits(local, self.tp_size, self.vocab_size)  # [N, Vd]
         return logits.reshape(*z.shape[:-1], self.vocab_size)
 
     def top_candidates(self, z: torch.Tensor, k: int, top_k: int | None = None
@@ -202,19 +225,12 @@ class VocabParallelDraftHead(nn.Module):
         """
         if self.tp_size == 1:
             return top_candidates(self(z), k, top_k)
-        from vllm.distributed import (
-            get_tensor_model_parallel_rank,
-            tensor_model_parallel_all_gather,
-        )
+        from vllm.distributed import get_tensor_model_parallel_rank
 
-        flat = z.reshape(-1, z.shape[-1])  # [N, E]
-        local = self.head.quant_method.apply(self.head, flat)  # [N, Vd_padded / tp]
+        local = _shard_logits(self.head, z)  # [N, Vd_padded / tp]
         offset = get_tensor_model_parallel_rank() * local.shape[1]
         packed = shard_candidates(local, offset, self.vocab_size, k, top_k)  # [N, 2m+1]
-        gathered = tensor_model_parallel_all_gather(packed.contiguous(), dim=-1)
-        gathered = gathered.view(flat.shape[0], self.tp_size, packed.shape[1])
-        log_probs, ids = merge_shard_candidates(gathered, k, top_k)  # [N, K] x2
-        return (log_probs.reshape(*z.shape[:-1], -1), ids.reshape(*z.shape[:-1], -1))
+        return _merged_candidates(packed, self.tp_size, k, top_k, z.shape[:-1])
 
 
 class TargetDraftHead(nn.Module):
@@ -248,6 +264,8 @@ class TargetDraftHead(nn.Module):
         self.tp_size = get_tensor_model_parallel_world_size()
         self.columns = draft_vocab  # [Vd] or None
         self.rows: torch.Tensor | None = None  # [Vd, H] when gathered (TP = 1, subset)
+        self._local: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        """``(shard width, _shard_columns(width))``, computed once (TP > 1, subset)."""
         weight = getattr(lm_head, "weight", None)
         if draft_vocab is not None and self.tp_size == 1 and isinstance(weight, torch.Tensor):
             self.rows = weight.detach().index_select(0, draft_vocab)  # [Vd, H]
@@ -255,16 +273,19 @@ class TargetDraftHead(nn.Module):
     def _shard_columns(self, shard: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This rank's draft-vocabulary columns in its ``shard``-wide vocab slice:
         ``(local column indices, their draft ids)``; None without a draft vocabulary.
-        Example: ``draft_vocab = [1, 4, 5]``, shard 3 on rank 1 (columns 3-5) ->
-        ``([1, 2], [1, 2])``."""
+        Fixed for the engine's life, so computed once (``nonzero`` would synchronise the
+        device on every drafting step). Example: ``draft_vocab = [1, 4, 5]``, shard 3 on
+        rank 1 (columns 3-5) -> ``([1, 2], [1, 2])``."""
         if self.columns is None:
             return None
-        from vllm.distributed import get_tensor_model_parallel_rank
+        if self._local is None or self._local[0] != shard:
+            from vllm.distributed import get_tensor_model_parallel_rank
 
-        offset = get_tensor_model_parallel_rank() * shard
-        mine = ((self.columns >= offset) & (self.columns < offset + shard)).nonzero()
-        draft_ids = mine.flatten()  # [n]
-        return self.columns[draft_ids] - offset, draft_ids
+            offset = get_tensor_model_parallel_rank() * shard
+            mine = ((self.columns >= offset) & (self.columns < offset + shard)).nonzero()
+            draft_ids = mine.flatten()  # [n]
+            self._local = (shard, (self.columns[draft_ids] - offset, draft_ids))
+        return self._local[1]
 
     def top_candidates(self, x: torch.Tensor, k: int, top_k: int | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,14 +298,9 @@ class TargetDraftHead(nn.Module):
         """
         if self.rows is not None or self.tp_size == 1:
             return top_candidates(self(x), k, top_k)
-        from vllm.distributed import (
-            get_tensor_model_parallel_rank,
-            tensor_model_parallel_all_gather,
-        )
+        from vllm.distributed import get_tensor_model_parallel_rank
 
-        head = self.target_lm_head
-        flat = x.reshape(-1, x.shape[-1])  # [N, H]
-        local = head.quant_method.apply(head, flat)  # [N, V_padded / tp]
+        local = _shard_logits(self.target_lm_head, x)  # [N, V_padded / tp]
         width = max(k, top_k or 0)
         selected = self._shard_columns(local.shape[1])
         if selected is None:
@@ -301,23 +317,14 @@ class TargetDraftHead(nn.Module):
             positions = packed[:, m:2 * m].long().clamp_(max=max(cols.numel() - 1, 0))
             ids = draft_ids[positions] if cols.numel() else torch.zeros_like(positions)
             packed[:, m:2 * m] = ids.float()
-        gathered = tensor_model_parallel_all_gather(packed.contiguous(), dim=-1)
-        gathered = gathered.view(flat.shape[0], self.tp_size, packed.shape[1])
-        log_probs, ids = merge_shard_candidates(gathered, k, top_k)  # [N, K] x2
-        return (log_probs.reshape(*x.shape[:-1], -1), ids.reshape(*x.shape[:-1], -1))
+        return _merged_candidates(packed, self.tp_size, k, top_k, x.shape[:-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[*, H]`` projected features -> ``[*, Vd]`` logits on every rank."""
-        from vllm.distributed import tensor_model_parallel_all_gather
-
         if self.rows is not None:
             return torch.nn.functional.linear(x, self.rows)  # [*, Vd]
-        head = self.target_lm_head
-        flat = x.reshape(-1, x.shape[-1])  # [N, H]
-        local = head.quant_method.apply(head, flat)  # [N, V_padded / tp]
-        if self.tp_size > 1:
-            local = tensor_model_parallel_all_gather(local.contiguous(), dim=-1)
-        logits = local[:, : self.vocab_size]  # [N, V]
+        local = _shard_logits(self.target_lm_head, x)  # [N, V_padded / tp]
+        logits = _full_logits(local, self.tp_size, self.vocab_size)  # [N, V]
         if self.columns is not None:
             logits = logits.index_select(1, self.columns)  # [N, Vd]
         return logits.reshape(*x.shape[:-1], logits.shape[-1])
@@ -659,10 +666,8 @@ class ReDrafterProposer:
         return length
 
     def policy_stats(self) -> dict[str, float]:
-        """Steps decided, share drafted nothing, mean draft length (bench)."""
-        return {"steps": float(self.policy.steps),
-                "no_draft_steps": float(self.policy.no_draft_steps),
-                "length_sum": float(self.policy.drafted_length_sum)}
+        """The policy's counters (:meth:`DraftPolicy.counters`), read by the bench."""
+        return self.policy.counters()
 
     def _copy_to_host(self, packed: torch.Tensor) -> torch.Tensor:
         """The step's one device-to-host copy: into the pinned staging buffer on CUDA,

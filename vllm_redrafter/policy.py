@@ -269,8 +269,15 @@ class DraftPolicy:
             return Decision(max(drafts, key=lambda k: (rates[k], -k)), "explore", rates)
         return Decision(best, "rate", rates)
 
+    def counters(self) -> dict[str, float]:
+        """Steps decided, steps without a draft, sum of draft lengths (the bench takes
+        their differences over a cell)."""
+        return {"steps": float(self.steps), "no_draft_steps": float(self.no_draft_steps),
+                "length_sum": float(self.drafted_length_sum)}
+
     def stats(self) -> dict[str, float]:
-        """Steps decided, share without a draft, mean draft length (for the bench)."""
-        steps = max(self.steps, 1)
-        return {"steps": float(self.steps), "no_draft_share": self.no_draft_steps / steps,
-                "mean_length": self.drafted_length_sum / steps}
+        """Steps decided, share without a draft, mean draft length."""
+        counts = self.counters()
+        steps = max(counts["steps"], 1.0)
+        return {"steps": counts["steps"], "no_draft_share": counts["no_draft_steps"] / steps,
+                "mean_length": counts["length_sum"] / steps}

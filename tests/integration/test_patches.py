@@ -153,7 +153,7 @@ def test_profile_hook_profiles_the_drafter_at_the_largest_batch(monkeypatch):
     patches.ensure_applied(hooks.PROFILE_HOOK)
     monkeypatch.setattr(gpu_model_runner, "get_pp_group",
                         lambda: SimpleNamespace(is_last_rank=True))
-    drafter = SimpleNamespace()
+    drafter = SimpleNamespace(propose_step=lambda step, hidden: None)
     runner, events = _profiling_runner(drafter)
     drafter.profile_run = lambda num_reqs: events.append(("drafter", num_reqs))
     runner.profile_run()
@@ -167,7 +167,7 @@ def test_profile_hook_leaves_other_proposers_alone(monkeypatch):
     patches.ensure_applied(hooks.PROFILE_HOOK)
     monkeypatch.setattr(gpu_model_runner, "get_pp_group",
                         lambda: SimpleNamespace(is_last_rank=True))
-    drafter = SimpleNamespace()
+    drafter = SimpleNamespace(propose_step=lambda step, hidden: None)
     runner, events = _profiling_runner(drafter, method="ngram")
     drafter.profile_run = lambda num_reqs: events.append(("drafter", num_reqs))
     runner.profile_run()

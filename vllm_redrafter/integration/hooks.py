@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,6 +39,7 @@ from vllm_redrafter.integration.patches import (
     is_patched,
     mark_patched,
     register_patch,
+    wrap_runner_method,
 )
 from vllm_redrafter.logger import get_logger
 
@@ -64,56 +64,30 @@ RUNNER_PARAMETERS = (
 )
 
 
-def _runner_method(patch: str, name: str, parameters: tuple[str, ...]
-                   ) -> tuple[Any, Any, inspect.Signature] | None:
-    """``(GPUModelRunner, its method name, signature)`` checked for patch ``patch``, or
-    None if that patch is already installed. The CPU runner subclasses GPUModelRunner, so
-    an override of ``name`` there would bypass the wrapper: a PatchError."""
-    from vllm.v1.worker import gpu_model_runner
-
-    runner_cls = compat.require_attribute(patch, gpu_model_runner, "GPUModelRunner")
-    current = compat.require_attribute(patch, runner_cls, name)
-    if is_patched(current, patch):
-        return None
-    signature = compat.require_parameters(patch, current, parameters)
-    cpu_module = sys.modules.get("vllm.v1.worker.cpu_model_runner")
-    cpu_cls = getattr(cpu_module, "CPUModelRunner", None)
-    if cpu_cls is not None and name in vars(cpu_cls):
-        raise PatchError(
-            f"patch {patch}: CPUModelRunner overrides {name}; this vLLM version is not "
-            "supported")
-    return runner_cls, current, signature
-
-
 def _apply_runner_hook() -> None:
-    compat.require_vllm_version(RUNNER_HOOK)
-    found = _runner_method(RUNNER_HOOK, "propose_draft_token_ids", RUNNER_PARAMETERS)
-    if found is None:
-        return
-    runner_cls, original, signature = found
+    def wrap(original: Any, signature: inspect.Signature) -> Any:
+        @functools.wraps(original)
+        def propose_draft_token_ids(self: Any, *args: Any, **kwargs: Any) -> Any:
+            drafter = runner_state.redrafter_of(self)
+            if drafter is None:
+                return original(self, *args, **kwargs)
+            arguments = signature.bind(self, *args, **kwargs).arguments
+            # Point-mass acceptance: the beam is a deterministic proposal, so vLLM's
+            # rejection sampler must get no draft probabilities (q(x) = 1).
+            self._draft_probs = None
+            self._draft_prob_req_ids = None
+            return runner_state.propose_drafts(
+                self,
+                drafter,
+                sampled_token_ids=arguments["sampled_token_ids"],
+                sample_hidden_states=arguments["sample_hidden_states"],
+                spec_decode_metadata=arguments["spec_decode_metadata"],
+                scheduler_output=arguments["scheduler_output"],
+            )
 
-    @functools.wraps(original)
-    def propose_draft_token_ids(self: Any, *args: Any, **kwargs: Any) -> Any:
-        drafter = getattr(self, "drafter", None)
-        propose_step = getattr(drafter, "propose_step", None)
-        spec = getattr(self, "speculative_config", None)
-        if propose_step is None or getattr(spec, "method", None) != "custom_class":
-            return original(self, *args, **kwargs)
-        arguments = signature.bind(self, *args, **kwargs).arguments
-        # Point-mass acceptance: the beam is a deterministic proposal, so vLLM's
-        # rejection sampler must get no draft probabilities (q(x) = 1).
-        self._draft_probs = None
-        self._draft_prob_req_ids = None
-        return runner_state.propose_drafts(
-            self,
-            drafter,
-            sampled_token_ids=arguments["sampled_token_ids"],
-            sample_hidden_states=arguments["sample_hidden_states"],
-            spec_decode_metadata=arguments["spec_decode_metadata"],
-            scheduler_output=arguments["scheduler_output"],
-        )
+        return propose_draft_token_ids
 
-    runner_cls.propose_draft_token_ids = mark_patched(propose_draft_token_ids, RUNNER_HOOK)
+    wrap_runner_method(RUNNER_HOOK, "propose_draft_token_ids", RUNNER_PARAMETERS, wrap)
 
 
 register_patch(
@@ -148,19 +122,16 @@ PROFILE_PARAMETERS = ("self", "randomize_inputs")
 
 
 def _apply_profile_hook() -> None:
-    compat.require_vllm_version(PROFILE_HOOK)
-    found = _runner_method(PROFILE_HOOK, "profile_run", PROFILE_PARAMETERS)
-    if found is None:
-        return
-    runner_cls, original, _ = found
+    def wrap(original: Any, _: inspect.Signature) -> Any:
+        @functools.wraps(original)
+        def profile_run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            result = original(self, *args, **kwargs)
+            runner_state.profile_drafter(self)
+            return result
 
-    @functools.wraps(original)
-    def profile_run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, *args, **kwargs)
-        runner_state.profile_drafter(self)
-        return result
+        return profile_run
 
-    runner_cls.profile_run = mark_patched(profile_run, PROFILE_HOOK)
+    wrap_runner_method(PROFILE_HOOK, "profile_run", PROFILE_PARAMETERS, wrap)
 
 
 register_patch(
@@ -195,18 +166,15 @@ TIMER_PARAMETERS = ("self", "scheduler_output", "intermediate_tensors")
 
 
 def _apply_timer_hook() -> None:
-    compat.require_vllm_version(TIMER_HOOK)
-    found = _runner_method(TIMER_HOOK, "execute_model", TIMER_PARAMETERS)
-    if found is None:
-        return
-    runner_cls, original, _ = found
+    def wrap(original: Any, _: inspect.Signature) -> Any:
+        @functools.wraps(original)
+        def execute_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+            runner_state.note_step_start()
+            return original(self, *args, **kwargs)
 
-    @functools.wraps(original)
-    def execute_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        runner_state.note_step_start()
-        return original(self, *args, **kwargs)
+        return execute_model
 
-    runner_cls.execute_model = mark_patched(execute_model, TIMER_HOOK)
+    wrap_runner_method(TIMER_HOOK, "execute_model", TIMER_PARAMETERS, wrap)
 
 
 register_patch(
@@ -235,19 +203,16 @@ NO_DRAFT_PARAMETERS = ("self", "logits", "spec_decode_metadata")
 
 
 def _apply_no_draft_hook() -> None:
-    compat.require_vllm_version(NO_DRAFT_HOOK)
-    found = _runner_method(NO_DRAFT_HOOK, "_sample", NO_DRAFT_PARAMETERS)
-    if found is None:
-        return
-    runner_cls, original, _ = found
+    def wrap(original: Any, _: inspect.Signature) -> Any:
+        @functools.wraps(original)
+        def _sample(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
+            if runner_state.step_has_no_drafts(self, spec_decode_metadata):
+                return original(self, logits, None)
+            return original(self, logits, spec_decode_metadata)
 
-    @functools.wraps(original)
-    def _sample(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
-        if runner_state.step_has_no_drafts(self, spec_decode_metadata):
-            return original(self, logits, None)
-        return original(self, logits, spec_decode_metadata)
+        return _sample
 
-    runner_cls._sample = mark_patched(_sample, NO_DRAFT_HOOK)
+    wrap_runner_method(NO_DRAFT_HOOK, "_sample", NO_DRAFT_PARAMETERS, wrap)
 
 
 register_patch(

@@ -10,11 +10,14 @@ applied at most once per process (re-entrant plugin loading is normal in vLLM).
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
+from vllm_redrafter.integration import compat
 from vllm_redrafter.logger import get_logger
-from vllm_redrafter.versioning import PatchError  # noqa: F401 (re-exported)
+from vllm_redrafter.versioning import PatchError
 
 logger = get_logger(__name__)
 
@@ -49,6 +52,32 @@ def mark_patched(wrapper: Any, name: str) -> Any:
 def is_patched(func: Any, name: str) -> bool:
     """True if ``func`` is the wrapper installed by patch ``name``."""
     return getattr(func, PATCH_MARK, None) == name
+
+
+def wrap_runner_method(
+    patch: str,
+    method: str,
+    parameters: tuple[str, ...],
+    make_wrapper: Callable[[Callable[..., Any], inspect.Signature], Callable[..., Any]],
+) -> None:
+    """Install ``make_wrapper(original, signature)`` as ``GPUModelRunner.<method>`` for
+    ``patch``, after the version and exact-signature checks; a no-op if that patch is
+    already installed. The CPU runner subclasses GPUModelRunner, so an override of
+    ``method`` there would bypass the wrapper: a PatchError."""
+    compat.require_vllm_version(patch)
+    from vllm.v1.worker import gpu_model_runner
+
+    runner_cls = compat.require_attribute(patch, gpu_model_runner, "GPUModelRunner")
+    current = compat.require_attribute(patch, runner_cls, method)
+    if is_patched(current, patch):
+        return
+    signature = compat.require_parameters(patch, current, parameters)
+    cpu_module = sys.modules.get("vllm.v1.worker.cpu_model_runner")
+    cpu_cls = getattr(cpu_module, "CPUModelRunner", None)
+    if cpu_cls is not None and method in vars(cpu_cls):
+        raise PatchError(f"patch {patch}: CPUModelRunner overrides {method}; this vLLM "
+                         "version is not supported")
+    setattr(runner_cls, method, mark_patched(make_wrapper(current, signature), patch))
 
 
 LEDGER: list[Patch] = []

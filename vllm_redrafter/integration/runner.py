@@ -175,16 +175,21 @@ def _step_costs(scheduler_output: Any, sampled_token_ids: list[list[int]],
     return StepCosts(num_tokens, seconds, tuple(verified))
 
 
+def redrafter_of(runner: Any) -> Any | None:
+    """``runner.drafter`` when it is a ReDrafter proposer (vLLM's ``custom_class``
+    method, with ``propose_step``), else None: the runner hooks act only then."""
+    spec = getattr(runner, "speculative_config", None)
+    drafter = getattr(runner, "drafter", None)
+    if getattr(spec, "method", None) != "custom_class" or not hasattr(drafter, "propose_step"):
+        return None
+    return drafter
+
+
 def step_has_no_drafts(runner: Any, spec_decode_metadata: Any) -> bool:
     """True when ReDrafter drafts for ``runner`` and no request of this step carries a
     draft token (then vLLM's plain sampler is exact and cheaper than its rejection
     sampler)."""
-    if spec_decode_metadata is None:
-        return False
-    drafter = getattr(runner, "drafter", None)
-    spec = getattr(runner, "speculative_config", None)
-    if getattr(drafter, "propose_step", None) is None or getattr(
-            spec, "method", None) != "custom_class":
+    if spec_decode_metadata is None or redrafter_of(runner) is None:
         return False
     return not any(spec_decode_metadata.num_draft_tokens)
 
@@ -270,14 +275,11 @@ def profile_drafter(runner: Any) -> None:
     batch (``max_num_seqs``) so that its peak working memory is measured before the KV
     cache is sized. A no-op for other proposers.
 
-    ``runner.drafter`` provides ``profile_run(num_reqs)``.
+    The ReDrafter proposer provides ``profile_run(num_reqs)``.
     """
-    drafter = getattr(runner, "drafter", None)
-    warm_up = getattr(drafter, "profile_run", None)
-    spec = getattr(runner, "speculative_config", None)
-    if warm_up is None or getattr(spec, "method", None) != "custom_class":
-        return
-    warm_up(int(runner.max_num_reqs))
+    warm_up = getattr(redrafter_of(runner), "profile_run", None)
+    if warm_up is not None:
+        warm_up(int(runner.max_num_reqs))
 
 
 def apply_proposal(runner: Any, proposal: Proposal) -> list[list[int]]:

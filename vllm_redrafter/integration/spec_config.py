@@ -234,11 +234,11 @@ ASYNC_SCHEDULING_MESSAGE = (
     "forced on")
 
 
-def check_pipeline_parallel(pipeline_parallel_size: int) -> None:
-    """Refuse pipeline parallelism (> 1 stage).
+def check_engine_options(pipeline_parallel_size: int, async_scheduling: bool | None) -> None:
+    """Engine options ReDrafter cannot run with, refused at start-up.
 
     Raises:
-        ReDrafterConfigError: naming the setting and the alternative.
+        ReDrafterConfigError: pipeline parallelism > 1, or async scheduling forced on.
     """
     if pipeline_parallel_size > 1:
         raise ReDrafterConfigError(
@@ -246,15 +246,6 @@ def check_pipeline_parallel(pipeline_parallel_size: int) -> None:
             f"{pipeline_parallel_size}): the drafter runs on the last pipeline stage and "
             "needs the target's input embedding, which only the first stage holds; use "
             "tensor parallelism (tensor_parallel_size) across the GPUs instead")
-
-
-def check_engine_options(pipeline_parallel_size: int, async_scheduling: bool | None) -> None:
-    """Engine options ReDrafter cannot run with, refused at start-up.
-
-    Raises:
-        ReDrafterConfigError: pipeline parallelism > 1, or async scheduling forced on.
-    """
-    check_pipeline_parallel(pipeline_parallel_size)
     if async_scheduling:
         raise ReDrafterConfigError(ASYNC_SCHEDULING_MESSAGE)
 

@@ -17,12 +17,12 @@ of the step (:mod:`vllm_redrafter.integration.runner` holds that state).
 from __future__ import annotations
 
 import functools
-import sys
+import inspect
 from typing import Any
 
 from vllm_redrafter.integration import compat
 from vllm_redrafter.integration import runner as runner_state
-from vllm_redrafter.integration.patches import Patch, is_patched, mark_patched, register_patch
+from vllm_redrafter.integration.patches import Patch, register_patch, wrap_runner_method
 from vllm_redrafter.logger import get_logger
 from vllm_redrafter.versioning import PatchError
 
@@ -35,52 +35,33 @@ PREPARE_PARAMETERS = ("self", "scheduler_output", "num_scheduled_tokens")
 SAMPLE_PARAMETERS = ("self", "logits", "spec_decode_metadata")
 
 
-def _runner_method(patch_name: str, method: str, parameters: tuple[str, ...]) -> tuple[Any, Any]:
-    """(GPUModelRunner, its unpatched ``method``) after the version/signature checks;
-    (cls, None) when already patched."""
-    compat.require_vllm_version(patch_name)
-    from vllm.v1.worker import gpu_model_runner
-
-    runner_cls = compat.require_attribute(patch_name, gpu_model_runner, "GPUModelRunner")
-    current = compat.require_attribute(patch_name, runner_cls, method)
-    if is_patched(current, patch_name):
-        return runner_cls, None
-    compat.require_parameters(patch_name, current, parameters)
-    cpu_module = sys.modules.get("vllm.v1.worker.cpu_model_runner")
-    cpu_cls = getattr(cpu_module, "CPUModelRunner", None)
-    if cpu_cls is not None and method in vars(cpu_cls):
-        raise PatchError(f"patch {patch_name}: CPUModelRunner overrides {method}; this "
-                         "vLLM version is not supported")
-    return runner_cls, current
-
-
 def _apply_prepare_hook() -> None:
-    runner_cls, original = _runner_method(PREPARE_HOOK, "_prepare_inputs", PREPARE_PARAMETERS)
-    if original is None:
-        return
+    def wrap(original: Any, _: inspect.Signature) -> Any:
+        @functools.wraps(original)
+        def _prepare_inputs(self: Any, scheduler_output: Any,
+                            num_scheduled_tokens: Any) -> Any:
+            result = original(self, scheduler_output, num_scheduled_tokens)
+            if not isinstance(result, tuple) or len(result) != 3:
+                raise PatchError(f"patch {PREPARE_HOOK}: _prepare_inputs returned "
+                                 f"{type(result).__name__}, expected a 3-tuple")
+            runner_state.after_prepare_inputs(self, scheduler_output, result)
+            return result
 
-    @functools.wraps(original)
-    def _prepare_inputs(self: Any, scheduler_output: Any, num_scheduled_tokens: Any) -> Any:
-        result = original(self, scheduler_output, num_scheduled_tokens)
-        if not isinstance(result, tuple) or len(result) != 3:
-            raise PatchError(f"patch {PREPARE_HOOK}: _prepare_inputs returned "
-                             f"{type(result).__name__}, expected a 3-tuple")
-        runner_state.after_prepare_inputs(self, scheduler_output, result)
-        return result
+        return _prepare_inputs
 
-    runner_cls._prepare_inputs = mark_patched(_prepare_inputs, PREPARE_HOOK)
+    wrap_runner_method(PREPARE_HOOK, "_prepare_inputs", PREPARE_PARAMETERS, wrap)
 
 
 def _apply_sample_hook() -> None:
-    runner_cls, original = _runner_method(SAMPLE_HOOK, "_sample", SAMPLE_PARAMETERS)
-    if original is None:
-        return
+    def wrap(original: Any, _: inspect.Signature) -> Any:
+        @functools.wraps(original)
+        def _sample(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
+            return runner_state.sample_with_trees(self, original, logits,
+                                                  spec_decode_metadata)
 
-    @functools.wraps(original)
-    def _sample(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
-        return runner_state.sample_with_trees(self, original, logits, spec_decode_metadata)
+        return _sample
 
-    runner_cls._sample = mark_patched(_sample, SAMPLE_HOOK)
+    wrap_runner_method(SAMPLE_HOOK, "_sample", SAMPLE_PARAMETERS, wrap)
 
 
 def _apply_backend_hook() -> None:
