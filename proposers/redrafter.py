@@ -48,14 +48,22 @@ from vllm_redrafter.beam_search import (
     top_candidates,
 )
 from vllm_redrafter.checkpoint import load_drafter
+from vllm_redrafter.config import LookupOptions
 from vllm_redrafter.drafter import RecurrentDrafter
 from vllm_redrafter.integration import compat, hooks, patches, spec_config, tree_hooks
 from vllm_redrafter.logger import get_logger
+from vllm_redrafter.lookup import (
+    ContextIndex,
+    SourceCounts,
+    fill_order,
+    merge_branches,
+    path_sources,
+)
 from vllm_redrafter.graphs import CudaGraphBackend, GraphedSearch, batch_buckets
 from vllm_redrafter.memory import beam_search_peak_bytes
 from vllm_redrafter.policy import DraftPolicy
 from vllm_redrafter.scorers.chain import best_beam_drafts
-from vllm_redrafter.steps import DraftStep, Proposal, StepCosts, TreeDraft
+from vllm_redrafter.steps import DraftRequest, DraftStep, Proposal, StepCosts, TreeDraft
 from vllm_redrafter.tree import build_tree
 
 logger = get_logger(__name__)
@@ -395,6 +403,9 @@ class ReDrafterProposer:
             ``additional_config["redrafter"]`` (see ``integration/spec_config.py``).
     """
 
+    lookup: LookupOptions | None = None
+    """Context look-up branches joined with the beams (``lookup``, tree mode only)."""
+
     def __init__(self, vllm_config: Any) -> None:
         from vllm_redrafter import plugin
 
@@ -417,9 +428,16 @@ class ReDrafterProposer:
         self.options = self.settings.options
         self.tree_mode = bool(self.options.tree)
         """Verify the deduplicated tree of all beams (``tree: true``)."""
-        self.wants_history = False
+        self.lookup = self.options.lookup if self.tree_mode else None
+        self.wants_history = self.lookup is not None
         """Whether :class:`~vllm_redrafter.steps.DraftRequest` should carry the
-        committed token ids (subclasses drafting from the context set it)."""
+        committed token ids (context look-up reads them)."""
+        self._indices: dict[str, ContextIndex] = {}
+        """Per request id, the incremental n-gram index of its tokens (look-up)."""
+        self._proposed: dict[str, tuple[TreeDraft, tuple[int, ...]]] = {}
+        """Last step's merged trees and their node sources, by request id."""
+        self.accepted_sources = SourceCounts()
+        """Accepted tree tokens by source (drafter, look-up, both), look-up mode."""
         if self.tree_mode:
             for name in tree_hooks.TREE_PATCHES:
                 patches.ensure_applied(name)
@@ -623,6 +641,7 @@ class ReDrafterProposer:
         """
         start = time.perf_counter()
         self._observe(step.costs)
+        self._attribute(step)
         length = self._draft_length(len(step.requests))
         if length == 0:  # not worth drafting this step: plain decoding
             self.draft_seconds += time.perf_counter() - start
@@ -654,6 +673,18 @@ class ReDrafterProposer:
         for drafted, accepted in costs.verified:
             self.policy.acceptance.observe(min(drafted, depth), accepted)
 
+    def _attribute(self, step: DraftStep) -> None:
+        """Count the sources of the tree tokens accepted last step (look-up mode)."""
+        if self.lookup is None:
+            return
+        for req in step.requests:
+            proposed = self._proposed.get(req.req_id)
+            if proposed is not None and req.last_node is not None:
+                tree, sources = proposed
+                if req.last_node < tree.num_nodes:
+                    self.accepted_sources.add(path_sources(tree, sources, req.last_node))
+        self._proposed = {}
+
     def _draft_length(self, num_reqs: int) -> int:
         """This step's draft length (0 = none). Under TP every rank uses rank 0's choice
         (timings differ per rank; the beam search's collectives must not)."""
@@ -666,8 +697,14 @@ class ReDrafterProposer:
         return length
 
     def policy_stats(self) -> dict[str, float]:
-        """The policy's counters (:meth:`DraftPolicy.counters`), read by the bench."""
-        return self.policy.counters()
+        """The policy's counters (:meth:`DraftPolicy.counters`) and, with look-up, the
+        accepted tokens by source (``accepted_drafter`` / ``_lookup`` / ``_both``), read
+        by the bench."""
+        counters = self.policy.counters()
+        if self.lookup is not None:
+            counters.update({f"accepted_{k}": float(v)
+                             for k, v in self.accepted_sources.as_dict().items()})
+        return counters
 
     def _copy_to_host(self, packed: torch.Tensor) -> torch.Tensor:
         """The step's one device-to-host copy: into the pinned staging buffer on CUDA,
@@ -692,6 +729,9 @@ class ReDrafterProposer:
             proposal.drafts[req.req_id] = chains[req.batch_index]
         if not tree_rows:
             return proposal
+        if self.lookup is not None:
+            self._merge_lookups(step, beams, tree_rows, proposal)
+            return proposal
         packed = build_tree(beams[tree_rows])
         num_nodes = packed.num_nodes.tolist()
         tokens, parents, depths = (packed.packed_tokens.tolist(), packed.parents.tolist(),
@@ -703,6 +743,39 @@ class ReDrafterProposer:
             proposal.trees[req_id] = tree
             proposal.drafts[req_id] = tree.drafts
         return proposal
+
+    def _merge_lookups(self, step: DraftStep, beams: torch.Tensor, tree_rows: list[int],
+                       proposal: Proposal) -> None:
+        """Trees of the beams joined with each request's context look-up branches
+        (:mod:`vllm_redrafter.lookup`), under the tree's node budget."""
+        assert self.lookup is not None
+        cap = self.num_speculative_tokens
+        depth = beams.shape[2] - 1
+        indices: dict[str, ContextIndex] = {}
+        host = beams.tolist()  # [B][W][L]
+        for i in tree_rows:
+            req = step.requests[i]
+            found = self._lookup_candidates(req, depth, indices)
+            branches = fill_order([beam[1:] for beam in host[i]], found, self.lookup.rank)
+            tree, sources = merge_branches(req.init_token, branches, cap)
+            proposal.trees[req.req_id] = tree
+            proposal.drafts[req.req_id] = tree.drafts
+            self._proposed[req.req_id] = (tree, sources)
+        self._indices = indices  # requests not drafted this step are dropped
+
+    def _lookup_candidates(self, req: DraftRequest, depth: int,
+                           indices: dict[str, ContextIndex]) -> list:
+        """Look-up continuations of one request (its index brought up to date)."""
+        assert self.lookup is not None
+        history = req.history
+        if history is None or len(history) == 0 or int(history[-1]) != req.init_token:
+            return []  # the committed tokens do not end with the init token: no look-up
+        index = self._indices.get(req.req_id)
+        if index is None:
+            index = ContextIndex(self.lookup.min_match, self.lookup.max_match)
+        index.sync(history)
+        indices[req.req_id] = index
+        return index.candidates(self.lookup.max_candidates, depth)
 
     def propose(self, *args: Any, **kwargs: Any) -> list[list[int]]:
         """vLLM's plain ``custom_class`` entry point: unusable for ReDrafter.

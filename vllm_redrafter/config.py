@@ -127,6 +127,37 @@ class DrafterConfig(BaseModel):
         return self.exit_dim != 2 * self.hidden_size
 
 
+class LookupOptions(BaseModel):
+    """Context look-up branches in the draft tree (:mod:`vllm_redrafter.lookup`).
+
+    Attributes:
+        max_candidates: look-up branches per request and step (1..16).
+        min_match: shortest suffix of the newest tokens matched in the request's own
+            prompt and output (1..16 tokens).
+        max_match: longest suffix matched (``min_match``..32); longer matches are
+            tried first.
+        rank: how many of the drafter's beams claim the node budget before the look-up
+            branches (0 = look-up first; ``beam_width`` = look-up last).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_candidates: int = Field(default=2, ge=1, le=16,
+                                description="Look-up branches per request and step.")
+    min_match: int = Field(default=1, ge=1, le=16, description="Shortest suffix matched.")
+    max_match: int = Field(default=4, ge=1, le=32, description="Longest suffix matched.")
+    rank: int = Field(default=1, ge=0, le=64,
+                      description="Beams placed before the look-up branches.")
+
+    @model_validator(mode="after")
+    def _check_match_range(self) -> LookupOptions:
+        if self.max_match < self.min_match:
+            raise ValueError(
+                f"lookup.max_match={self.max_match} must be >= lookup.min_match="
+                f"{self.min_match}")
+        return self
+
+
 class ReDrafterOptions(BaseModel):
     """Runtime options of the ReDrafter proposer.
 
@@ -141,6 +172,9 @@ class ReDrafterOptions(BaseModel):
             or nothing) expected to give the most tokens per second from measured target
             and drafter costs and acceptance (:mod:`vllm_redrafter.policy`); False drafts
             ``L - 1`` tokens (the whole tree) on every step.
+        lookup: context look-up branches joined with the beams in the tree
+            (:class:`LookupOptions`; ``true`` for its defaults); None/``false`` = off.
+            Needs ``tree``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -163,6 +197,32 @@ class ReDrafterOptions(BaseModel):
     adaptive: bool = Field(
         default=False, description="Load-aware drafting from measured costs."
     )
+    lookup: LookupOptions | None = Field(
+        default=None, description="Context look-up branches in the tree (needs tree)."
+    )
+
+    @field_validator("lookup", mode="before")
+    @classmethod
+    def _lookup_switch(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _lookup_needs_tree(self) -> ReDrafterOptions:
+        if self.lookup is None:
+            return self
+        if not self.tree:
+            raise ValueError(
+                "lookup branches join the draft tree: set \"tree\": true with \"lookup\" "
+                "(or drop \"lookup\")")
+        if self.lookup.rank > self.beam_width:
+            raise ValueError(
+                f"lookup.rank={self.lookup.rank} must be <= beam_width={self.beam_width} "
+                "(the beams placed before the look-up branches)")
+        return self
 
     @field_validator("beam_width", "beam_length")
     @classmethod

@@ -13,6 +13,9 @@ with speculation proceeds like the engine does:
   deduplicated tree's greedy walk finds exactly that path);
 - the step emits ``k + 1`` tokens and the next context row is ``p + k + 1``.
 
+With look-up options (:func:`lookup_walk`), each step's tree joins the beams with the
+context look-up branches of :mod:`vllm_redrafter.lookup` under the tree's node budget.
+
 ``tau = emitted / steps`` (the engine's mean acceptance length, ``1 + accepted / drafts``);
 acceptance at depth ``d`` is the share of steps that accepted ``>= d`` drafts.
 
@@ -31,6 +34,15 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_redrafter.beam_search import beam_search
+from vllm_redrafter.config import LookupOptions
+from vllm_redrafter.lookup import (
+    ContextIndex,
+    SourceCounts,
+    fill_order,
+    merge_branches,
+    path_sources,
+)
+from vllm_redrafter.steps import TreeDraft
 
 
 @dataclass
@@ -120,7 +132,56 @@ def walk(lengths: Sequence[int], start: int, end: int, depth: int) -> WalkStats:
     return stats
 
 
+@dataclass(frozen=True)
+class DraftedResponse:
+    """One response with the beams drafted at every context row.
+
+    Attributes:
+        sequence: ``[T]`` prompt + response token ids.
+        beams: ``[S, W, L]`` beams drafted from context rows ``start .. end``.
+        start: first context row (``P - 1``).
+        end: last context row with a token to emit after it (``T - 2``).
+    """
+
+    sequence: torch.Tensor
+    beams: torch.Tensor
+    start: int
+    end: int
+
+
 @torch.inference_mode()
+def draft_response(
+    target: torch.nn.Module,
+    drafter: torch.nn.Module,
+    token_ids: Sequence[int],
+    prompt_len: int,
+    beam_width: int,
+    beam_length: int,
+    *,
+    draft_top_k: int | None = None,
+) -> DraftedResponse | None:
+    """One target forward and one batched beam search over every context row of a
+    response (None when the response has no token to draft for).
+
+    Args:
+        target: a transformers causal LM (``.model`` returns post-norm hidden states,
+            ``.get_input_embeddings()`` the table the drafter reads).
+        drafter: a :class:`~vllm_redrafter.drafter.RecurrentDrafter` in the same dtype.
+        token_ids: prompt + response.
+        prompt_len: ``P``.
+    """
+    sequence = torch.tensor(list(token_ids), dtype=torch.int64)  # [T]
+    start, end = prompt_len - 1, sequence.numel() - 2
+    if end < start:
+        return None
+    hidden = target.model(input_ids=sequence[None]).last_hidden_state[0]  # [T, H]
+    rows = torch.arange(start, end + 1)  # [S]
+    beams = beam_search(drafter, target.get_input_embeddings(), hidden[rows],
+                        sequence[rows + 1], beam_width, beam_length,
+                        draft_top_k=draft_top_k).tokens  # [S, W, L]
+    return DraftedResponse(sequence, beams, start, end)
+
+
 def evaluate_response(
     target: torch.nn.Module,
     drafter: torch.nn.Module,
@@ -131,27 +192,65 @@ def evaluate_response(
     *,
     draft_top_k: int | None = None,
 ) -> tuple[WalkStats, WalkStats]:
-    """(chain stats, tree stats) of one response (see the module docstring).
-
-    Args:
-        target: a transformers causal LM (``.model`` returns post-norm hidden states,
-            ``.get_input_embeddings()`` the table the drafter reads).
-        drafter: a :class:`~vllm_redrafter.drafter.RecurrentDrafter` in the same dtype.
-        token_ids: prompt + response.
-        prompt_len: ``P``.
-    """
-    sequence = torch.tensor(list(token_ids), dtype=torch.int64)  # [T]
-    total = sequence.numel()
-    start, end = prompt_len - 1, total - 2
-    if end < start:
+    """(chain stats, tree stats) of one response (see the module docstring and
+    :func:`draft_response` for the arguments)."""
+    drafted = draft_response(target, drafter, token_ids, prompt_len, beam_width,
+                             beam_length, draft_top_k=draft_top_k)
+    if drafted is None:
         return WalkStats(), WalkStats()
-    hidden = target.model(input_ids=sequence[None]).last_hidden_state[0]  # [T, H]
-    rows = torch.arange(start, end + 1)  # [S]
-    beams = beam_search(drafter, target.get_input_embeddings(), hidden[rows],
-                        sequence[rows + 1], beam_width, beam_length,
-                        draft_top_k=draft_top_k).tokens  # [S, W, L]
-    lengths = match_lengths(beams, sequence, start)  # [S, W]
-    depth = beam_length - 1
-    chain = walk(lengths[:, 0].tolist(), start, end, depth)
-    tree = walk(lengths.max(dim=1).values.tolist(), start, end, depth)
+    return chain_and_tree(drafted)
+
+
+def chain_and_tree(drafted: DraftedResponse) -> tuple[WalkStats, WalkStats]:
+    """Chain (beam 0) and drafter-only tree (best beam) walks of a drafted response."""
+    lengths = match_lengths(drafted.beams, drafted.sequence, drafted.start)  # [S, W]
+    depth = drafted.beams.shape[2] - 1
+    chain = walk(lengths[:, 0].tolist(), drafted.start, drafted.end, depth)
+    tree = walk(lengths.max(dim=1).values.tolist(), drafted.start, drafted.end, depth)
     return chain, tree
+
+
+def lookup_walk(drafted: DraftedResponse, options: LookupOptions, budget: int
+                ) -> tuple[WalkStats, SourceCounts]:
+    """Walk a response with look-up branches merged into each step's tree.
+
+    At context row ``p`` the committed tokens are ``sequence[: p + 2]`` (the init token
+    ``sequence[p + 1]`` last); the tree is :func:`~vllm_redrafter.lookup.merge_branches`
+    of the beams and the look-up candidates in :func:`~vllm_redrafter.lookup.fill_order`
+    under ``budget`` drafted nodes, exactly as the proposer builds it; greedy acceptance
+    descends the tree along the response's next tokens.
+
+    Returns:
+        ``(stats, accepted tokens by source)``.
+    """
+    sequence = drafted.sequence.tolist()
+    beams = drafted.beams[:, :, 1:].tolist()  # [S][W][L-1]
+    depth = drafted.beams.shape[2] - 1
+    index = ContextIndex(options.min_match, options.max_match)
+    stats, sources = WalkStats(), SourceCounts()
+    p = drafted.start
+    while p <= drafted.end:
+        index.sync(sequence[: p + 2])
+        found = index.candidates(options.max_candidates, depth)
+        branches = fill_order(beams[p - drafted.start], found, options.rank)
+        tree, bits = merge_branches(sequence[p + 1], branches, budget)
+        node = _descend(tree, sequence[p + 2 : p + 2 + depth])
+        accepted = path_sources(tree, bits, node)
+        sources.add(accepted)
+        stats.add(len(accepted), depth)
+        p += len(accepted) + 1
+    return stats, sources
+
+
+def _descend(tree: TreeDraft, wanted: Sequence[int]) -> int:
+    """Greedy acceptance on a known continuation: the deepest node whose path from the
+    root spells a prefix of ``wanted``. Example: tokens ``A B C E``, parents
+    ``-1 0 1 1``, wanted ``[B, E, F]`` -> node 3."""
+    node = 0
+    for token in wanted:
+        child = next((c for c in range(node + 1, tree.num_nodes)
+                      if tree.parents[c] == node and tree.tokens[c] == token), None)
+        if child is None:
+            break
+        node = child
+    return node

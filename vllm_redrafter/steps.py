@@ -52,8 +52,10 @@ class DraftRequest:
         tree_ok: False when the request must be verified as a chain (structured
             output, penalties, bad words, logprobs, ... see
             :func:`tree_fallback_reason`).
-        history: committed token ids so far (prompt + output), read-only; ``None``
-            when the caller did not provide them.
+        history: committed token ids so far (prompt + output, ending with
+            ``init_token``), read-only; ``None`` when the caller did not provide them.
+        last_node: the tree node whose path was accepted last step (``0``: none of its
+            drafts), or None when the request was not verified as a tree.
     """
 
     req_id: str
@@ -62,6 +64,7 @@ class DraftRequest:
     init_token: int
     tree_ok: bool = False
     history: Sequence[int] | None = None
+    last_node: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ paths, KV fix-ups). Three engines, one after the other.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,21 +20,36 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DEMO_HIDDEN, DEMO_VOCAB = 576, 49152
 SHIPPED_DRAFTER = Path(__file__).resolve().parents[2] / "examples/drafters/smollm2-135m-instruct"
+GROUNDED = Path(__file__).resolve().parents[2] / "examples/prompts/grounded.jsonl"
+GROUNDED_PROMPTS = 2
 TREE_TAU_FLOOR = 1.5
 """Mean acceptance length floor of the shipped drafter in tree mode on these prompts."""
+LOOKUP_TAU_GAIN = 0.15
+"""Least tau that look-up branches add to the shipped drafter's tree on these prompts."""
 
 
-@pytest.fixture(scope="module")
-def chat_prompts(demo_target_dir):
+def _chat(demo_target_dir, turns):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(demo_target_dir))
     prompts = []
-    for turn in h.mt_bench_turns(h.NUM_PROMPTS):
+    for turn in turns:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": turn}],
                                             add_generation_prompt=True, tokenize=True)
         prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     return prompts
+
+
+@pytest.fixture(scope="module")
+def chat_prompts(demo_target_dir):
+    return _chat(demo_target_dir, h.mt_bench_turns(h.NUM_PROMPTS))
+
+
+@pytest.fixture(scope="module")
+def grounded_prompts(demo_target_dir):
+    """Two of the bench's input-grounded prompts (summarise / extract a given text)."""
+    lines = GROUNDED.read_text().splitlines()[:GROUNDED_PROMPTS]
+    return _chat(demo_target_dir, [json.loads(line)["prompt"] for line in lines])
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +66,20 @@ def _greedy(demo_target_dir, prompts, spec=None):
 
 
 @pytest.fixture(scope="module")
-def baseline(demo_target_dir, chat_prompts):
-    ids, _ = _greedy(demo_target_dir, chat_prompts)
+def plain(demo_target_dir, chat_prompts, grounded_prompts):
+    """Plain vLLM on the MT-Bench prompts, then the grounded ones (one engine)."""
+    ids, _ = _greedy(demo_target_dir, chat_prompts + grounded_prompts)
     return ids
+
+
+@pytest.fixture(scope="module")
+def baseline(plain, chat_prompts):
+    return plain[: len(chat_prompts)]
+
+
+@pytest.fixture(scope="module")
+def grounded_baseline(plain, chat_prompts):
+    return plain[len(chat_prompts):]
 
 
 def test_demo_target_greedy_parity(demo_target_dir, chat_prompts, drafter_dir, baseline):
@@ -66,14 +93,38 @@ def test_demo_target_greedy_parity(demo_target_dir, chat_prompts, drafter_dir, b
     assert metrics["num_draft_tokens"] == metrics["num_drafts"] * (h.BEAM_LENGTH - 1)
 
 
-def test_demo_target_tree_parity_with_the_shipped_drafter(demo_target_dir, chat_prompts,
-                                                          baseline):
+@pytest.fixture(scope="module")
+def tree_run(demo_target_dir, chat_prompts):
     spec = {"method": "redrafter", "model": str(SHIPPED_DRAFTER), "beam_width": 4,
             "beam_length": 5, "tree": True}
-    redrafter, metrics = _greedy(demo_target_dir, chat_prompts, spec)
+    return _greedy(demo_target_dir, chat_prompts, spec)
+
+
+def test_demo_target_tree_parity_with_the_shipped_drafter(tree_run, baseline):
+    redrafter, metrics = tree_run
     assert redrafter == baseline
     assert metrics["num_drafts"] > 0
     # Trees, deduplicated: more than one beam's drafts, fewer than 4 disjoint beams'.
     mean_tree = metrics["num_draft_tokens"] / metrics["num_drafts"]
     assert 4 < mean_tree <= 16, metrics
     assert metrics["mean_acceptance_length"] >= TREE_TAU_FLOOR, metrics
+
+
+def test_demo_target_tree_with_lookup_keeps_parity_and_accepts_more(
+        demo_target_dir, chat_prompts, grounded_prompts, baseline, grounded_baseline,
+        tree_run):
+    """Look-up branches (defaults) in the shipped drafter's trees: identical output and a
+    higher tau than the drafter-only tree at the same node budget (measured here: 1.67 ->
+    1.94; offline over the whole responses of all 80 MT-Bench first turns: +0.87)."""
+    spec = {"method": "redrafter", "model": str(SHIPPED_DRAFTER), "beam_width": 4,
+            "beam_length": 5, "tree": True, "lookup": True}
+    with h.vllm_engine(model=str(demo_target_dir), max_model_len=1024,
+                       speculative_config=spec) as llm:
+        redrafter = h.generate_ids(llm, chat_prompts, h.NEW_TOKENS, temperature=0.0)
+        metrics = h.spec_metrics(llm)
+        grounded = h.generate_ids(llm, grounded_prompts, h.NEW_TOKENS, temperature=0.0)
+    assert redrafter == baseline
+    assert grounded == grounded_baseline
+    assert metrics["num_draft_tokens"] <= 16 * metrics["num_drafts"], metrics
+    tree_tau = tree_run[1]["mean_acceptance_length"]
+    assert metrics["mean_acceptance_length"] >= tree_tau + LOOKUP_TAU_GAIN, (metrics, tree_tau)

@@ -65,3 +65,27 @@ class OracleTreeProposer(ReDrafterProposer):
         beams = [oracle_beams([int(t) for t in req.history], self.refs, self.vocab)
                  for req in step.requests]
         return torch.tensor(beams, dtype=torch.int64)  # [B, W, L]
+
+
+WRONG_CLASS_PATH = "tests.e2e.tree_oracle.WrongBeamsProposer"
+
+
+def wrong_beams(history: list[int], refs: list[list[int]], vocab: int) -> list[list[int]]:
+    """Three beams that are all wrong at depth 1 (``c0 + 1``, ``c0 + 2``, ``c0 + 3``):
+    with them, every accepted draft token must come from somewhere else (look-up).
+
+    Example: refs ``[[1, 2, 3, 4, 5, 6]]``, history ``[1, 2]`` ->
+    ``[[2, 4, 4, 4], [2, 5, 5, 5], [2, 6, 6, 6]]``.
+    """
+    right = oracle_beams(history, refs, vocab)[1]
+    init, first = right[0], right[1]
+    return [[init] + [(first + k) % vocab] * (LENGTH - 1) for k in range(1, WIDTH + 1)]
+
+
+class WrongBeamsProposer(OracleTreeProposer):
+    """ReDrafterProposer whose beams are never accepted (:func:`wrong_beams`)."""
+
+    def _draft_beams(self, step: DraftStep, hidden: torch.Tensor) -> torch.Tensor:
+        beams = [wrong_beams([int(t) for t in req.history], self.refs, self.vocab)
+                 for req in step.requests]
+        return torch.tensor(beams, dtype=torch.int64)  # [B, W, L]

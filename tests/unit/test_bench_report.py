@@ -73,6 +73,7 @@ def test_summarize_ratios_identical_and_failures():
     assert rows[("ngram", 0.0)]["identical_to_baseline"] == 2
     # No baseline at T=0.7 in this invocation: no ratio, and sampled runs are never compared.
     assert rows[("redrafter", 0.7)]["speedup_vs_baseline"] is None
+    assert red["accepted_sources"] is None  # no look-up in this cell
     assert rows[("redrafter", 0.7)]["identical_to_baseline"] is None
     assert rows[("ngram", 0.7)]["status"] == "failed"
     assert rows[("ngram", 0.7)]["output_tok_per_s"] is None
@@ -84,7 +85,7 @@ STABLE_KEYS = {
     "mean_acceptance_length", "acceptance_per_depth", "draft_acceptance_rate",
     "mean_verified_tokens", "num_drafts",
     "num_draft_tokens", "num_accepted_tokens", "draft_time_share", "identical_to_baseline",
-    "compared_to_baseline", "no_draft_share", "mean_draft_length"}
+    "compared_to_baseline", "no_draft_share", "mean_draft_length", "accepted_sources"}
 
 
 def test_report_schema_and_files(tmp_path):
@@ -121,6 +122,13 @@ def test_verified_tokens_and_tree_config_names():
     assert auto["redrafter-tree@W2L4+auto"]["beam_width"] == 2
     assert auto["redrafter-tree@W2L4+auto"]["adaptive"] is True
     assert "ngram+auto" not in auto and "adaptive" not in auto["redrafter"]
+    hybrid = config_specs("d", 4, 5, names=["redrafter-tree+lookup",
+                                             "redrafter-tree@W2L5+lookup+auto",
+                                             "redrafter+lookup"])
+    assert hybrid["redrafter-tree+lookup"] == {**hybrid["redrafter-tree"], "lookup": True}
+    both = hybrid["redrafter-tree@W2L5+lookup+auto"]
+    assert (both["beam_width"], both["lookup"], both["adaptive"]) == (2, True, True)
+    assert "redrafter+lookup" not in hybrid  # chain configs cannot take look-up
 
 
 def test_policy_columns():
@@ -132,3 +140,14 @@ def test_policy_columns():
     assert row["no_draft_share"] == 0.4 and row["mean_draft_length"] == 1.8
     assert "| 40% | 1.80 |" in rep.markdown_table({"results": [row]})
     assert _cell("none", 4, 0.0, 50, 2.5).no_draft_share is None
+
+
+def test_accepted_sources_column():
+    cell = _cell("redrafter-tree+lookup", 1, 0.0, 100, 4.0, token_ids=[[1]],
+                 policy={"steps": 10.0, "no_draft_steps": 0.0, "length_sum": 40.0,
+                         "accepted_drafter": 5.0, "accepted_lookup": 3.0,
+                         "accepted_both": 2.0})
+    row = rep.summarize([cell])[0]
+    assert row["accepted_sources"] == {"drafter": 5, "lookup": 3, "both": 2}
+    table = rep.markdown_table({"results": [row]})
+    assert "| 5/3/2 |" in table

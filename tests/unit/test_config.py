@@ -2,6 +2,7 @@
 """Validation, JSON round trips and the speculators layout of the config models."""
 
 import json
+import re
 
 import pytest
 from pydantic import ValidationError
@@ -78,7 +79,8 @@ def test_options_from_mapping():
         ReDrafterOptions.from_mapping({"beam_widht": 8, "zzz": 1, "beam_length": 3})
     message = str(info.value)
     assert "['beam_widht', 'zzz']" in message
-    assert "['adaptive', 'beam_length', 'beam_width', 'draft_top_k', 'tree']" in message
+    assert ("['adaptive', 'beam_length', 'beam_width', 'draft_top_k', 'lookup', 'tree']"
+            in message)
     with pytest.raises(ValueError, match="beam_length"):
         ReDrafterOptions.from_mapping({"beam_length": 99})
 
@@ -234,3 +236,28 @@ def test_default_options_from_speculative_tokens_only():
     cfg = ReDrafterCheckpointConfig.model_validate(data)
     opts = cfg.default_options()
     assert (opts.beam_length, opts.beam_width) == (6, 4)
+
+
+def test_lookup_options():
+    opts = ReDrafterOptions.from_mapping({"tree": True, "lookup": True})
+    assert opts.lookup is not None and opts.lookup.max_candidates == 2
+    assert ReDrafterOptions.from_mapping({"tree": True, "lookup": False}).lookup is None
+    opts = ReDrafterOptions.from_mapping({"tree": True, "lookup": {"rank": 0,
+                                                                   "max_candidates": 4}})
+    assert (opts.lookup.rank, opts.lookup.max_candidates) == (0, 4)
+    # round trip through the JSON the engine carries in additional_config
+    again = ReDrafterOptions.from_mapping(opts.model_dump(mode="json"))
+    assert again == opts
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"lookup": True}, 'set "tree": true'),
+    ({"tree": True, "lookup": {"rank": 5}}, "lookup.rank=5 must be <= beam_width=4"),
+    ({"tree": True, "lookup": {"min_match": 5, "max_match": 3}},
+     "lookup.max_match=3 must be >= lookup.min_match=5"),
+    ({"tree": True, "lookup": {"max_candidates": 0}}, "max_candidates"),
+    ({"tree": True, "lookup": {"min_macth": 2}}, "min_macth"),
+])
+def test_lookup_options_refused(values, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        ReDrafterOptions.from_mapping(values)

@@ -130,6 +130,15 @@ class CellResult:
         return None if steps <= 0 else self.policy["length_sum"] / steps
 
     @property
+    def accepted_sources(self) -> dict[str, int] | None:
+        """Accepted tree tokens by source (drafter, look-up, both); None without
+        look-up."""
+        policy = self.policy or {}
+        if "accepted_lookup" not in policy:
+            return None
+        return {k: int(policy.get(f"accepted_{k}", 0)) for k in ("drafter", "lookup", "both")}
+
+    @property
     def key(self) -> tuple[int, float]:
         return (self.concurrency, self.temperature)
 
@@ -188,6 +197,7 @@ def summarize(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
             "draft_time_share": _round(c.draft_time_share),
             "no_draft_share": _round(c.no_draft_share),
             "mean_draft_length": _round(c.mean_draft_length),
+            "accepted_sources": c.accepted_sources,
             "identical_to_baseline": identical,
             "compared_to_baseline": compared,
         })
@@ -225,16 +235,23 @@ def _percent(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
+def _sources(counts: dict[str, int] | None) -> str:
+    """``{"drafter": 5, "lookup": 3, "both": 2}`` -> ``"5/3/2"``."""
+    if not counts:
+        return "–"
+    return f"{counts['drafter']}/{counts['lookup']}/{counts['both']}"
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """The results as a Markdown table (one row per cell)."""
     head = ("| config | conc. | temp | tok/s | vs none | τ | accept/depth | verified/step "
-            "| draft time | no-draft steps | draft len | identical |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "| draft time | no-draft steps | draft len | accepted D/L/both | identical |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in report["results"]:
         if r["status"] != "ok":
             lines.append(f"| {r['config']} | {r['concurrency']} | {r['temperature']} | "
-                         f"failed: {str(r['error'])[:60]} | | | | | | | | |")
+                         f"failed: {str(r['error'])[:60]} | | | | | | | | | |")
             continue
         ident = (f"{r['identical_to_baseline']}/{r['compared_to_baseline']}"
                  if r["identical_to_baseline"] is not None else "–")
@@ -248,7 +265,7 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{_fmt(r.get('mean_verified_tokens'), '.1f')} | "
             f"{'–' if share is None else f'{100 * share:.0f}%'} | "
             f"{_percent(r.get('no_draft_share'))} | {_fmt(r.get('mean_draft_length'), '.2f')} | "
-            f"{ident} |")
+            f"{_sources(r.get('accepted_sources'))} | {ident} |")
     return "\n".join(lines) + "\n"
 
 

@@ -69,23 +69,37 @@ def config_specs(drafter: str | None, beam_width: int, beam_length: int,
 AUTO_SUFFIX = "+auto"
 """Config-name suffix that turns load-aware drafting on (``"adaptive": true``)."""
 
+LOOKUP_SUFFIX = "+lookup"
+"""Config-name suffix that adds context look-up branches to a tree config
+(``"lookup": true``: the defaults of :class:`~vllm_redrafter.config.LookupOptions`)."""
+
+_SUFFIXES = {AUTO_SUFFIX: ("adaptive", True), LOOKUP_SUFFIX: ("lookup", True)}
+
 
 def _named_spec(name: str, drafter: str, specs: dict[str, dict[str, Any] | None]
                 ) -> dict[str, Any] | None:
     """The spec a ``--configs`` name asks for: ``redrafter[-tree]@W<w>L<l>``, or any
-    ReDrafter name with ``+auto`` (e.g. ``redrafter+auto``, ``redrafter@W4L3+auto``)."""
-    adaptive = name.endswith(AUTO_SUFFIX)
-    base = name[: -len(AUTO_SUFFIX)] if adaptive else name
+    ReDrafter name with ``+auto`` and/or ``+lookup`` suffixes (e.g. ``redrafter+auto``,
+    ``redrafter-tree+lookup``, ``redrafter-tree@W4L5+lookup+auto``)."""
+    base, extra = name, {}
+    while True:
+        suffix = next((s for s in _SUFFIXES if base.endswith(s)), None)
+        if suffix is None:
+            break
+        key, value = _SUFFIXES[suffix]
+        extra[key] = value
+        base = base[: -len(suffix)]
     parsed = parse_redrafter_name(base)
     if parsed is not None:
         tree, width, length = parsed
         spec = _redrafter_spec(drafter, width, length, tree=tree)
-    elif adaptive and isinstance(specs.get(base), dict) and specs[base]["method"] == "redrafter":
+    elif extra and isinstance(specs.get(base), dict) and specs[base]["method"] == "redrafter":
         spec = dict(specs[base])
     else:
         return None
-    if adaptive:
-        spec["adaptive"] = True
+    if extra.get("lookup") and not spec["tree"]:
+        return None  # look-up branches join a tree: only tree configs take +lookup
+    spec.update(extra)
     return spec
 
 

@@ -35,7 +35,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only the first N response tokens of each record")
     parser.add_argument("--limit", type=int, default=None, help="first N records only")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--lookup", action="append", default=[], metavar="SPEC",
+                        help="also walk trees with context look-up branches; SPEC is "
+                             "'default' or comma-separated key=value of the lookup option "
+                             "(max_candidates, min_match, max_match, rank), e.g. "
+                             "'rank=0,max_candidates=4'; repeat to compare several")
     parser.add_argument("--out", default=None, help="write the report JSON here")
+
+
+def parse_lookup_spec(spec: str):
+    """``"rank=0,max_candidates=4"`` (or ``"default"``) -> validated ``LookupOptions``."""
+    from vllm_redrafter.config import LookupOptions
+
+    values = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item or item == "default":
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"--lookup {spec!r}: expected key=integer items, got {item!r}")
+        values[key.strip()] = int(value)
+    return LookupOptions(**values)
 
 
 def _categories(path: Path) -> dict[str, str]:
@@ -45,11 +66,18 @@ def _categories(path: Path) -> dict[str, str]:
     return {str(r.get("question_id")): r.get("category", "?") for r in rows}
 
 
-def _row(name: str, chain, tree) -> dict:
-    return {"group": name, "steps_chain": chain.steps, "steps_tree": tree.steps,
-            "tau_chain": round(chain.tau or 0.0, 3), "tau_tree": round(tree.tau or 0.0, 3),
-            "accept_chain": [round(x, 3) for x in chain.acceptance_per_depth],
-            "accept_tree": [round(x, 3) for x in tree.acceptance_per_depth]}
+def _row(name: str, chain, tree, hybrids=(), specs=()) -> dict:
+    row = {"group": name, "steps_chain": chain.steps, "steps_tree": tree.steps,
+           "tau_chain": round(chain.tau or 0.0, 3), "tau_tree": round(tree.tau or 0.0, 3),
+           "accept_chain": [round(x, 3) for x in chain.acceptance_per_depth],
+           "accept_tree": [round(x, 3) for x in tree.acceptance_per_depth]}
+    if hybrids:
+        row["lookup"] = [
+            {"spec": spec, "tau": round(stats.tau or 0.0, 3), "steps": stats.steps,
+             "accepted_from": {"drafter": src.drafter, "lookup": src.lookup,
+                               "both": src.both}}
+            for spec, (stats, src) in zip(specs, hybrids)]
+    return row
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +85,20 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     from vllm_redrafter.checkpoint import load_drafter
-    from vllm_redrafter.evaluate import WalkStats, evaluate_response
+    from vllm_redrafter.evaluate import (
+        WalkStats,
+        chain_and_tree,
+        draft_response,
+        lookup_walk,
+    )
+    from vllm_redrafter.lookup import SourceCounts
+
+    try:
+        lookups = [parse_lookup_spec(spec) for spec in args.lookup]
+    except ValueError as exc:
+        print(f"vllm-redrafter evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    budget = args.beam_width * (args.beam_length - 1)
 
     data = Path(args.data)
     if not data.is_file():
@@ -79,33 +120,48 @@ def run(args: argparse.Namespace) -> int:
 
     records = list(iter_generations(data))[: args.limit]
     totals: dict[str, tuple[WalkStats, WalkStats]] = {}
+    hybrid_totals: dict[str, list[tuple[WalkStats, SourceCounts]]] = {}
     start = time.perf_counter()
     for record in records:
         ids = record["token_ids"]
         prompt_len = int(record["prompt_len"])
         if args.max_tokens is not None:
             ids = ids[: prompt_len + args.max_tokens]
-        chain, tree = evaluate_response(target, drafter, ids, prompt_len, args.beam_width,
-                                        args.beam_length, draft_top_k=args.draft_top_k)
+        drafted = draft_response(target, drafter, ids, prompt_len, args.beam_width,
+                                 args.beam_length, draft_top_k=args.draft_top_k)
+        if drafted is None:
+            continue
+        chain, tree = chain_and_tree(drafted)
+        hybrids = [lookup_walk(drafted, options, budget) for options in lookups]
         for group in ("all", categories.get(str(record.get("id")), None)):
             if group is None:
                 continue
             acc = totals.setdefault(group, (WalkStats(), WalkStats()))
             acc[0].merge(chain)
             acc[1].merge(tree)
-    rows = [_row(name, *stats) for name, stats in sorted(
-        totals.items(), key=lambda kv: (kv[0] != "all", kv[0]))]
+            hyb = hybrid_totals.setdefault(group, [(WalkStats(), SourceCounts())
+                                                   for _ in lookups])
+            for (stats, src), (new_stats, new_src) in zip(hyb, hybrids):
+                stats.merge(new_stats)
+                src.merge(new_src)
+    rows = [_row(name, *stats, hybrid_totals.get(name, ()), args.lookup)
+            for name, stats in sorted(totals.items(), key=lambda kv: (kv[0] != "all", kv[0]))]
     print("| group | steps | chain τ | tree τ | chain accept/depth | tree accept/depth |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['group']} | {r['steps_chain']} | {r['tau_chain']:.2f} | "
               f"{r['tau_tree']:.2f} | {'/'.join(f'{x:.2f}' for x in r['accept_chain'])} | "
               f"{'/'.join(f'{x:.2f}' for x in r['accept_tree'])} |")
+    for r in rows:
+        for item in r.get("lookup", ()):
+            print(f"| {r['group']} | lookup {item['spec']} | τ {item['tau']:.2f} | accepted "
+                  f"from drafter/lookup/both {item['accepted_from']['drafter']}/"
+                  f"{item['accepted_from']['lookup']}/{item['accepted_from']['both']} |")
     print(f"[evaluate] {len(records)} responses, W={args.beam_width}, L={args.beam_length}, "
           f"{args.dtype}, {time.perf_counter() - start:.0f} s", file=sys.stderr)
     if args.out:
         Path(args.out).write_text(json.dumps(
             {"data": str(data), "drafter": args.drafter, "beam_width": args.beam_width,
              "beam_length": args.beam_length, "max_tokens": args.max_tokens,
-             "dtype": args.dtype, "rows": rows}, indent=1))
+             "dtype": args.dtype, "node_budget": budget, "rows": rows}, indent=1))
     return 0

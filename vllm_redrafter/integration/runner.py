@@ -230,11 +230,12 @@ def read_draft_step(
     batch = runner.input_batch
     for index, row, init in zip(context.req_indices, context.rows, context.init_tokens):
         req_id = req_ids[index]
+        last_node = last_nodes[index] if index < len(last_nodes) else None
         tree_ok = tree_mode and tree_fallback_reason(_sampling_params(runner, req_id)) is None
         history = None
         if with_history:
             history = batch.token_ids_cpu[index, : int(batch.num_tokens_no_spec[index])]
-        requests.append(DraftRequest(req_id, index, row, init, tree_ok, history))
+        requests.append(DraftRequest(req_id, index, row, init, tree_ok, history, last_node))
     return DraftStep(len(sampled_token_ids), requests, context.num_rows, costs)
 
 
