@@ -61,7 +61,7 @@ from vllm_redrafter.lookup import (
 )
 from vllm_redrafter.graphs import CudaGraphBackend, GraphedSearch, batch_buckets
 from vllm_redrafter.memory import beam_search_peak_bytes
-from vllm_redrafter.policy import DraftPolicy
+from vllm_redrafter.policy import DraftPolicy, TreeSizeTable
 from vllm_redrafter.scorers.chain import best_beam_drafts
 from vllm_redrafter.steps import DraftRequest, DraftStep, Proposal, StepCosts, TreeDraft
 from vllm_redrafter.tree import build_tree
@@ -467,7 +467,8 @@ class ReDrafterProposer:
         """The beam search replayed from CUDA graphs (CUDA, TP = 1, not enforce_eager)."""
         self.policy = DraftPolicy(
             max_length=self.options.num_draft_tokens,
-            tree_nodes=self.options.max_tree_drafts if self.tree_mode else None,
+            tree=(TreeSizeTable(self.options.beam_width, self.options.max_tree_drafts)
+                  if self.tree_mode else None),
             adaptive=bool(self.options.adaptive))
         """Load-aware drafting: measured costs and acceptance, and the per-step choice."""
         self._step_beam_length = self.options.beam_length
@@ -657,6 +658,9 @@ class ReDrafterProposer:
             raise FloatingPointError("non-finite target hidden state in the drafter's input")
         beams = host[:, :-1].reshape(beams.shape)  # [B, W, L]
         proposal = self._proposal(step, beams)
+        if proposal.trees and self.policy.tree is not None:
+            sizes = [tree.num_nodes - 1 for tree in proposal.trees.values()]
+            self.policy.tree.observe(length, sum(sizes) / len(sizes))
         elapsed = time.perf_counter() - start
         self.policy.draft.observe(len(step.requests), length, elapsed)
         self.draft_seconds += elapsed
@@ -669,7 +673,9 @@ class ReDrafterProposer:
             return
         if costs.forward_seconds is not None:
             self.policy.target.observe(costs.num_tokens, costs.forward_seconds)
-        depth = self.options.num_draft_tokens
+        # the depth drafted last step (a chain's length; a tree's depth, whatever its
+        # node count)
+        depth = self._step_beam_length - 1
         for drafted, accepted in costs.verified:
             self.policy.acceptance.observe(min(drafted, depth), accepted)
 

@@ -138,6 +138,8 @@ class LookupOptions(BaseModel):
             tried first.
         rank: how many of the drafter's beams claim the node budget before the look-up
             branches (0 = look-up first; ``beam_width`` = look-up last).
+        extra_nodes: drafted nodes added to the tree's budget ``W * (L - 1)`` for the
+            look-up branches (0..64); 0 keeps the drafter-only tree's budget.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -148,6 +150,8 @@ class LookupOptions(BaseModel):
     max_match: int = Field(default=4, ge=1, le=32, description="Longest suffix matched.")
     rank: int = Field(default=1, ge=0, le=64,
                       description="Beams placed before the look-up branches.")
+    extra_nodes: int = Field(default=0, ge=0, le=64,
+                             description="Nodes added to the tree budget W*(L-1).")
 
     @model_validator(mode="after")
     def _check_match_range(self) -> LookupOptions:
@@ -250,14 +254,16 @@ class ReDrafterOptions(BaseModel):
 
     @property
     def max_tree_drafts(self) -> int:
-        """Most drafted tree nodes per request, ``W * (L - 1)`` (all beams disjoint
-        after the shared root; the root is the committed token, not a draft)."""
-        return self.beam_width * (self.beam_length - 1)
+        """Most drafted tree nodes per request (the tree's node budget): ``W * (L - 1)``
+        (all beams disjoint after the shared root; the root is the committed token, not
+        a draft), plus ``lookup.extra_nodes`` with look-up branches."""
+        extra = self.lookup.extra_nodes if self.lookup is not None else 0
+        return self.beam_width * (self.beam_length - 1) + extra
 
     @property
     def num_speculative_tokens(self) -> int:
         """Draft slots vLLM must schedule per request and step: ``L - 1`` in chain
-        mode, the largest tree's drafted node count ``W * (L - 1)`` in tree mode.
+        mode, the tree's node budget :attr:`max_tree_drafts` in tree mode.
 
         Example: ``W = 4, L = 5``: 4 in chain mode, 16 in tree mode (17 nodes with
         the root)."""

@@ -53,11 +53,13 @@ class WalkStats:
         steps: drafted (verification) steps.
         accepted: drafted tokens accepted.
         per_depth: ``per_depth[d - 1]`` = steps that accepted ``>= d`` drafts.
+        nodes: drafted tree nodes summed over steps (look-up walks only; 0 otherwise).
     """
 
     steps: int = 0
     accepted: int = 0
     per_depth: list[int] = field(default_factory=list)
+    nodes: int = 0
 
     def add(self, k: int, depth: int) -> None:
         """Record one step that accepted ``k`` of ``depth`` drafted tokens."""
@@ -76,6 +78,7 @@ class WalkStats:
             self.per_depth[d] += count
         self.steps += other.steps
         self.accepted += other.accepted
+        self.nodes += other.nodes
 
     @property
     def tau(self) -> float | None:
@@ -182,25 +185,6 @@ def draft_response(
     return DraftedResponse(sequence, beams, start, end)
 
 
-def evaluate_response(
-    target: torch.nn.Module,
-    drafter: torch.nn.Module,
-    token_ids: Sequence[int],
-    prompt_len: int,
-    beam_width: int,
-    beam_length: int,
-    *,
-    draft_top_k: int | None = None,
-) -> tuple[WalkStats, WalkStats]:
-    """(chain stats, tree stats) of one response (see the module docstring and
-    :func:`draft_response` for the arguments)."""
-    drafted = draft_response(target, drafter, token_ids, prompt_len, beam_width,
-                             beam_length, draft_top_k=draft_top_k)
-    if drafted is None:
-        return WalkStats(), WalkStats()
-    return chain_and_tree(drafted)
-
-
 def chain_and_tree(drafted: DraftedResponse) -> tuple[WalkStats, WalkStats]:
     """Chain (beam 0) and drafter-only tree (best beam) walks of a drafted response."""
     lengths = match_lengths(drafted.beams, drafted.sequence, drafted.start)  # [S, W]
@@ -238,6 +222,7 @@ def lookup_walk(drafted: DraftedResponse, options: LookupOptions, budget: int
         accepted = path_sources(tree, bits, node)
         sources.add(accepted)
         stats.add(len(accepted), depth)
+        stats.nodes += tree.num_nodes - 1
         p += len(accepted) + 1
     return stats, sources
 

@@ -11,8 +11,10 @@ save. For a decode batch of ``B`` requests each drafting ``k`` tokens the expect
 - ``D(B, k)``: measured seconds of drafting ``k`` tokens for ``B`` requests
   (:class:`DraftCostTable`);
 - ``A(d)``: measured share of drafted requests whose accepted path reached depth ``d``
-  (:class:`AcceptanceTracker`; in tree mode ``k`` counts the tree's nodes and ``E`` is the
-  tree's measured tokens per step).
+  (:class:`AcceptanceTracker`). In tree mode ``k`` is the tree's depth (its beams and
+  look-up branches cut after ``k`` tokens), the target verifies ``B * (1 + N(k))`` tokens
+  with ``N(k)`` the measured mean node count of depth-``k`` trees (:class:`TreeSizeTable`),
+  and ``A(d)`` is the share whose accepted path reached depth ``d`` of the tree.
 
 :class:`DraftPolicy` picks the ``k`` with the highest rate, ``k = 0`` (no draft, no drafting
 cost: plain decoding) included, so it drafts only when drafting is expected to be faster.
@@ -175,6 +177,29 @@ class AcceptanceTracker:
         return total
 
 
+@dataclass
+class TreeSizeTable:
+    """Mean drafted nodes of the trees proposed at each depth (running means).
+
+    Until a depth is measured its size is estimated as ``min(budget, width * depth)``
+    (every branch disjoint below the root). Example: ``width = 4, budget = 16``: depth 2
+    -> 8 until measured; after ``observe(2, 5.0)`` -> 5.0.
+    """
+
+    width: int
+    budget: int
+    means: dict[int, float] = field(default_factory=dict)
+
+    def observe(self, depth: int, mean_nodes: float) -> None:
+        old = self.means.get(depth)
+        self.means[depth] = mean_nodes if old is None else old + EMA * (mean_nodes - old)
+
+    def nodes(self, depth: int) -> float:
+        if depth <= 0:
+            return 0.0
+        return self.means.get(depth, float(min(self.budget, self.width * depth)))
+
+
 @dataclass(frozen=True)
 class Decision:
     """What :meth:`DraftPolicy.choose` decided, and why."""
@@ -193,9 +218,8 @@ class DraftPolicy:
 
     Args:
         max_length: ``L - 1``, the longest chain the drafter makes.
-        tree_nodes: drafted nodes of a full tree (``None`` in chain mode). In tree mode
-            the choice is between no draft and the full tree (whose tokens per step are
-            tracked at depth ``L - 1``).
+        tree: the tree's node sizes per depth (``None`` in chain mode); in tree mode the
+            choice is the tree's depth ``0 .. L - 1``.
         adaptive: False pins the full draft on every step (the policy only measures).
         explore_every: while not drafting, draft (the best-rated length) once every this
             many steps.
@@ -203,7 +227,7 @@ class DraftPolicy:
     """
 
     max_length: int
-    tree_nodes: int | None = None
+    tree: TreeSizeTable | None = None
     adaptive: bool = True
     explore_every: int = 64
     min_samples: int = 32
@@ -219,17 +243,16 @@ class DraftPolicy:
         self.acceptance = AcceptanceTracker(self.max_length)
 
     def candidates(self) -> list[int]:
-        """Lengths considered: 0..L-1 for chains; 0 and the full tree in tree mode."""
-        if self.tree_nodes is not None:
-            return [0, self.max_length]
+        """Lengths considered: chain lengths, or tree depths, ``0 .. L - 1``."""
         return list(range(self.max_length + 1))
 
     def verified_tokens(self, num_reqs: int, length: int) -> int:
-        """Tokens the target verifies for ``num_reqs`` requests drafting ``length``."""
+        """Tokens the target verifies for ``num_reqs`` requests drafting ``length``
+        (a chain of ``length`` tokens, or a tree of depth ``length``)."""
         if length == 0:
             return num_reqs
-        nodes = self.tree_nodes if self.tree_nodes is not None else length
-        return num_reqs * (1 + nodes)
+        nodes = self.tree.nodes(length) if self.tree is not None else length
+        return int(round(num_reqs * (1 + nodes)))
 
     def rate(self, num_reqs: int, length: int) -> float | None:
         """Expected tokens per second, or None if a needed cost is unmeasured."""

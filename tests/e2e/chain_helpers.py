@@ -294,6 +294,35 @@ def chi_square_homogeneity(
     return stat, df, p_value
 
 
+def sample_ids(llm: Any, prompt: list[int], seeds: Any, temperature: float,
+               max_tokens: int) -> list[tuple[int, ...]]:
+    """One seeded sample of ``max_tokens`` tokens per seed (top-k 50, top-p 0.95)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = [SamplingParams(temperature=temperature, top_k=50, top_p=0.95,
+                             max_tokens=max_tokens, seed=s, ignore_eos=True)
+              for s in seeds]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * len(params), params,
+                        use_tqdm=False)
+    return [tuple(o.outputs[0].token_ids) for o in outs]
+
+
+def assert_same_token_distribution(ref: list[tuple[int, ...]],
+                                   got: list[tuple[int, ...]], positions: int) -> None:
+    """Chi-square homogeneity per position ``1..positions`` and of the first two tokens
+    jointly (Bonferroni over the ``positions + 1`` tests, 1% level), and non-trivial
+    draws (several distinct tokens at every position)."""
+    assert len(ref) == len(got)
+    p_values = []
+    for pos in range(positions):
+        _, _, p = chi_square_homogeneity([s[pos] for s in ref], [s[pos] for s in got])
+        p_values.append(p)
+    _, _, p_pairs = chi_square_homogeneity([s[:2] for s in ref], [s[:2] for s in got])
+    assert min(p_values + [p_pairs]) > 0.01 / (positions + 1), p_values + [p_pairs]
+    assert all(len({s[pos] for s in got}) >= 3 for pos in range(positions))
+
+
 def set_env(values: dict[str, str | None]) -> dict[str, str | None]:
     """Set (or unset, for None) environment variables; return the previous values."""
     old = {key: os.environ.get(key) for key in values}

@@ -34,18 +34,6 @@ def assets(tmp_path_factory):
     return h.tiny_assets(tmp_path_factory.getbasetemp() / "chain-tiny-assets")
 
 
-def _sample(llm, prompt, seeds):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = [SamplingParams(temperature=TEMPERATURE, top_k=50, top_p=0.95,
-                             max_tokens=SAMPLED_TOKENS, seed=s, ignore_eos=True)
-              for s in seeds]
-    outs = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * len(params), params,
-                        use_tqdm=False)
-    return [tuple(o.outputs[0].token_ids) for o in outs]
-
-
 def _sampling_prompt(assets):
     """The tree test's sampling prompt (several likely tokens at every position)."""
     return assets["prompts"][2]
@@ -56,7 +44,8 @@ def baseline(assets, tmp_path_factory):
     with h.vllm_engine(model=str(assets["target_dir"]), skip_tokenizer_init=True,
                        max_num_seqs=64) as llm:
         greedy = h.generate_ids(llm, assets["prompts"], h.NEW_TOKENS, temperature=0.0)
-        sampled = _sample(llm, _sampling_prompt(assets), range(SAMPLES))
+        sampled = h.sample_ids(llm, _sampling_prompt(assets), range(SAMPLES),
+                                   TEMPERATURE, SAMPLED_TOKENS)
     refs = [p + g for p, g in zip(assets["prompts"], greedy)]
     refs_file = tmp_path_factory.mktemp("lookup-oracle") / "refs.json"
     refs_file.write_text(json.dumps(refs))
@@ -88,7 +77,8 @@ def lookup_run(assets, baseline):
         greedy = h.generate_ids(llm, assets["prompts"], h.NEW_TOKENS, temperature=0.0)
         metrics = h.spec_metrics(llm)
         sources = _sources(llm)
-        sampled = _sample(llm, _sampling_prompt(assets), range(SAMPLES, 2 * SAMPLES))
+        sampled = h.sample_ids(llm, _sampling_prompt(assets), range(SAMPLES, 2 * SAMPLES),
+                                   TEMPERATURE, SAMPLED_TOKENS)
         sampled_metrics = h.spec_metrics(llm)
     return {"greedy": greedy, "metrics": metrics, "sources": sources, "sampled": sampled,
             "sampled_metrics": sampled_metrics}
@@ -115,13 +105,7 @@ def test_without_lookup_the_same_beams_accept_nothing(assets, baseline):
 def test_sampling_with_lookup_matches_the_target_distribution(baseline, lookup_run):
     ref, got = baseline["sampled"], lookup_run["sampled"]
     assert len(ref) == len(got) == SAMPLES
-    p_values = []
-    for pos in range(SAMPLED_TOKENS):
-        _, _, p = h.chi_square_homogeneity([s[pos] for s in ref], [s[pos] for s in got])
-        p_values.append(p)
-    _, _, p_pairs = h.chi_square_homogeneity([s[:2] for s in ref], [s[:2] for s in got])
-    assert min(p_values + [p_pairs]) > 0.01 / (SAMPLED_TOKENS + 1), p_values + [p_pairs]
-    assert all(len({s[pos] for s in got}) >= 3 for pos in range(SAMPLED_TOKENS))
+    h.assert_same_token_distribution(ref, got, SAMPLED_TOKENS)
     # look-up branches were in the sampled trees and some were accepted
     before, after = lookup_run["metrics"], lookup_run["sampled_metrics"]
     assert after["num_accepted_tokens"] > before["num_accepted_tokens"], (before, after)

@@ -36,23 +36,12 @@ def baseline(assets, tmp_path_factory):
     with h.vllm_engine(model=str(assets["target_dir"]), skip_tokenizer_init=True,
                        max_num_seqs=64) as llm:
         greedy = h.generate_ids(llm, assets["prompts"], h.NEW_TOKENS, temperature=0.0)
-        sampled = _sample(llm, assets["prompts"][2], range(SAMPLES))
+        sampled = h.sample_ids(llm, assets["prompts"][2], range(SAMPLES),
+                                   TEMPERATURE, SAMPLED_TOKENS)
     refs = [p + g for p, g in zip(assets["prompts"], greedy)]
     refs_file = tmp_path_factory.mktemp("oracle") / "refs.json"
     refs_file.write_text(json.dumps(refs))
     return {"greedy": greedy, "refs_file": str(refs_file), "sampled": sampled}
-
-
-def _sample(llm, prompt, seeds):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = [SamplingParams(temperature=TEMPERATURE, top_k=50, top_p=0.95,
-                             max_tokens=SAMPLED_TOKENS, seed=s, ignore_eos=True)
-              for s in seeds]
-    outs = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * len(params), params,
-                        use_tqdm=False)
-    return [tuple(o.outputs[0].token_ids) for o in outs]
 
 
 def _oracle_engine(assets, baseline, tree=True, disable=None, **kwargs):
@@ -91,7 +80,8 @@ def oracle_run(assets, baseline):
         mixed = [list(o.outputs[0].token_ids) for o in outs]
         mixed_logprobs = outs[0].outputs[0].logprobs
         mixed_metrics = h.spec_metrics(llm)
-        sampled = _sample(llm, assets["prompts"][2], range(SAMPLES, 2 * SAMPLES))
+        sampled = h.sample_ids(llm, assets["prompts"][2], range(SAMPLES, 2 * SAMPLES),
+                                   TEMPERATURE, SAMPLED_TOKENS)
     return {"greedy": greedy, "metrics": metrics, "mixed": mixed,
             "mixed_logprobs": mixed_logprobs, "mixed_metrics": mixed_metrics,
             "sampled": sampled}
@@ -143,14 +133,7 @@ def test_tree_sampling_matches_the_target_distribution(baseline, oracle_run):
     the token distribution equals plain vLLM's (chi-square homogeneity, Bonferroni)."""
     ref, got = baseline["sampled"], oracle_run["sampled"]
     assert len(ref) == len(got) == SAMPLES
-    p_values = []
-    for pos in range(SAMPLED_TOKENS):
-        _, _, p = h.chi_square_homogeneity([s[pos] for s in ref], [s[pos] for s in got])
-        p_values.append(p)
-    _, _, p_pairs = h.chi_square_homogeneity([s[:2] for s in ref], [s[:2] for s in got])
-    assert min(p_values + [p_pairs]) > 0.01 / (SAMPLED_TOKENS + 1), p_values + [p_pairs]
-    # The draws are not trivial: several distinct tokens at every position.
-    assert all(len({s[pos] for s in got}) >= 3 for pos in range(SAMPLED_TOKENS))
+    h.assert_same_token_distribution(ref, got, SAMPLED_TOKENS)
 
 
 def _counter(llm, name):

@@ -78,7 +78,8 @@ def test_non_finite_hidden_states_are_a_fault_not_a_draft():
     with pytest.raises(FloatingPointError, match="non-finite"):
         proposer.propose_step(step, hidden)
     # control: the same step from the finite row drafts
-    proposer._proposal = lambda step, beams: ("proposal", tuple(beams.shape))
+    shapes = []
+    proposer._proposal = lambda step, beams: shapes.append(tuple(beams.shape)) or Proposal()
     proposer.draft_seconds, proposer.num_proposals = 0.0, 0
     ok = runner_state.DraftStep(2, [runner_state.DraftRequest("a", 0, 0, 3, False)], 2)
-    assert proposer.propose_step(ok, hidden) == ("proposal", (1, 2, 3))
+    assert proposer.propose_step(ok, hidden) == Proposal() and shapes == [(1, 2, 3)]

@@ -10,7 +10,7 @@ import torch
 
 from vllm_redrafter.integration import hooks, patches
 from vllm_redrafter.integration import runner as runner_state
-from vllm_redrafter.policy import DraftPolicy, Decision
+from vllm_redrafter.policy import Decision, DraftPolicy, TreeSizeTable
 from vllm_redrafter.proposers.redrafter import ReDrafterProposer
 from vllm_redrafter.steps import DraftRequest, DraftStep, StepCosts
 
@@ -62,6 +62,7 @@ def _proposer(length: int) -> ReDrafterProposer:
     proposer.drafter = None
     proposer.tree_mode = False
     proposer.num_speculative_tokens = 4
+    proposer._step_beam_length = 5
     proposer._rows_cpu = torch.zeros(4, dtype=torch.int64)
     proposer._rows = torch.zeros(4, dtype=torch.int64)
     proposer._host = None
@@ -102,6 +103,34 @@ def test_shorter_and_full_drafts():
     full = _proposer(4)
     proposal = full.propose_step(_step(), torch.zeros(2, 3))
     assert full.calls == [5] and all(len(d) == 4 for d in proposal.drafts.values())
+
+
+def test_tree_depth_choice_measures_sizes_and_depth_acceptance():
+    """Tree mode: the policy's depth cuts the beams; the trees' node counts are recorded
+    per depth, and acceptance is observed at the depth drafted (not the node count)."""
+    proposer = _proposer(2)
+    proposer.tree_mode = True
+    proposer.num_speculative_tokens = 12
+    proposer.policy.tree = TreeSizeTable(width=3, budget=12)
+    draft = proposer._draft_beams
+
+    def rooted(step, hidden):  # noqa: ANN001, ANN202 - beams share the init token
+        beams = draft(step, hidden) + 100
+        beams[:, :, 0] = 7
+        return beams
+
+    proposer._draft_beams = rooted
+    requests = [DraftRequest("a", 0, 0, 7, True), DraftRequest("b", 1, 1, 8, True)]
+    proposal = proposer.propose_step(DraftStep(2, requests, 2), torch.zeros(2, 3))
+    assert proposer.calls == [3]
+    assert all(max(tree.depths) == 2 for tree in proposal.trees.values())
+    assert proposer.policy.tree.means[2] == 6.0  # 3 disjoint beams of 2 tokens
+    # next step: two trees of 6 nodes verified, 2 and 0 accepted, at depth 2
+    proposer.propose_step(DraftStep(2, requests, 2, StepCosts(14, 0.05, ((6, 2), (6, 0)))),
+                          torch.zeros(2, 3))
+    tracker = proposer.policy.acceptance
+    assert tracker.drafted[2] > 0 and tracker.drafted[3] == 0
+    assert abs(tracker.reach(2) - 0.5) < 1e-3
 
 
 def _sampling_runner(method="custom_class"):

@@ -90,9 +90,14 @@ def test_consistent_num_speculative_tokens_is_accepted(drafter_dir):
     ({"beam_length": 4, "num_speculative_tokens": 5},
      "num_speculative_tokens=5 is inconsistent with ReDrafter beam_width=5, beam_length=4"),
     ({"tree": True, "beam_width": 4, "beam_length": 5, "num_speculative_tokens": 4},
-     "in tree mode it must equal beam_width * (beam_length - 1) = 16"),
+     "in tree mode it must equal beam_width * (beam_length - 1) (+ lookup.extra_nodes) = 16"),
     ({"tree": True, "beam_width": 16, "beam_length": 10},
-     "so that beam_width * (beam_length - 1) <= 128"),
+     "so that beam_width * (beam_length - 1) + extra_nodes <= 128"),
+    ({"tree": True, "beam_width": 4, "beam_length": 5, "lookup": {"extra_nodes": 4},
+      "num_speculative_tokens": 16}, "(+ lookup.extra_nodes) = 20"),
+    ({"lookup": True}, 'set "tree": true'),
+    ({"tree": True, "lookup": {"rank": 9}}, "lookup.rank=9 must be <= beam_width"),
+    ({"tree": True, "lookup": {"extra_nodes": 65}}, "extra_nodes"),
 ])
 def test_invalid_settings_name_the_field(drafter_dir, extra, needle):
     with pytest.raises(ReDrafterConfigError) as info:

@@ -124,11 +124,13 @@ def test_verified_tokens_and_tree_config_names():
     assert "ngram+auto" not in auto and "adaptive" not in auto["redrafter"]
     hybrid = config_specs("d", 4, 5, names=["redrafter-tree+lookup",
                                              "redrafter-tree@W2L5+lookup+auto",
-                                             "redrafter+lookup"])
+                                             "redrafter+lookup",
+                                             "redrafter-tree@W1L5+lookup4"])
     assert hybrid["redrafter-tree+lookup"] == {**hybrid["redrafter-tree"], "lookup": True}
     both = hybrid["redrafter-tree@W2L5+lookup+auto"]
     assert (both["beam_width"], both["lookup"], both["adaptive"]) == (2, True, True)
     assert "redrafter+lookup" not in hybrid  # chain configs cannot take look-up
+    assert hybrid["redrafter-tree@W1L5+lookup4"]["lookup"] == {"extra_nodes": 4}
 
 
 def test_policy_columns():

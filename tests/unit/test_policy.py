@@ -10,6 +10,7 @@ from vllm_redrafter.policy import (
     DraftCostTable,
     DraftPolicy,
     StepCostTable,
+    TreeSizeTable,
 )
 
 # Recorded on this project's 2-core CPU (demo target, float32; verify-cost and bench of
@@ -23,8 +24,8 @@ CHAIN_ACCEPTED = [0] * 64 + [1] * 20 + [2] * 8 + [3] * 4 + [4] * 4  # 100 reques
 
 
 def _policy(target: dict[int, float], draft_s: float, per_req: float = 0.0,
-            tree_nodes: int | None = None, accepted=CHAIN_ACCEPTED) -> DraftPolicy:
-    policy = DraftPolicy(max_length=4, tree_nodes=tree_nodes)
+            tree: TreeSizeTable | None = None, accepted=CHAIN_ACCEPTED) -> DraftPolicy:
+    policy = DraftPolicy(max_length=4, tree=tree)
     for n, seconds in target.items():
         policy.target.observe(n, seconds)
     for b in (1, 4, 16, 64):
@@ -91,11 +92,28 @@ def test_useless_drafter_is_switched_off_even_at_batch_one():
     assert policy.choose(1).length == 0
 
 
-def test_tree_mode_chooses_between_nothing_and_the_tree():
-    tree = _policy(CPU_TARGET, draft_s=0.03, tree_nodes=16)
-    assert tree.candidates() == [0, 4]
-    assert tree.verified_tokens(16, 4) == 16 * 17
+def test_tree_mode_chooses_the_depth_from_measured_tree_sizes():
+    sizes = TreeSizeTable(width=4, budget=16)
+    tree = _policy(CPU_TARGET, draft_s=0.03, tree=sizes)
+    assert tree.candidates() == [0, 1, 2, 3, 4]
+    assert tree.verified_tokens(16, 4) == 16 * 17  # unmeasured: 4 disjoint beams
     assert tree.choose(16).length == 0  # 272 verified tokens: far too dear on CPU
+    sizes.observe(4, 10.0)
+    assert tree.verified_tokens(2, 4) == 2 * 11
+    assert sizes.nodes(2) == 8 and sizes.nodes(0) == 0
+
+
+def test_tree_sizes_change_the_choice():
+    """Same costs and acceptance: a bushy depth-4 tree is not worth its nodes, a lean one
+    (measured) is."""
+    bushy = _policy(CPU_TARGET, draft_s=0.02, tree=TreeSizeTable(width=4, budget=16))
+    lean_sizes = TreeSizeTable(width=4, budget=16)
+    for depth in range(1, 5):
+        lean_sizes.observe(depth, float(depth))  # one branch: a chain's size
+    lean = _policy(CPU_TARGET, draft_s=0.02, tree=lean_sizes)
+    chain = _policy(CPU_TARGET, draft_s=0.02)
+    assert lean.choose(1).length == chain.choose(1).length
+    assert bushy.choose(1).length < lean.choose(1).length
 
 
 def test_warm_up_pinned_and_exploration():

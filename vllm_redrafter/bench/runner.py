@@ -70,25 +70,32 @@ AUTO_SUFFIX = "+auto"
 """Config-name suffix that turns load-aware drafting on (``"adaptive": true``)."""
 
 LOOKUP_SUFFIX = "+lookup"
-"""Config-name suffix that adds context look-up branches to a tree config
-(``"lookup": true``: the defaults of :class:`~vllm_redrafter.config.LookupOptions`)."""
+"""Config-name suffix that adds context look-up branches to a tree config (``"lookup":
+true``: the defaults of :class:`~vllm_redrafter.config.LookupOptions`); ``+lookup<N>``
+also gives them ``N`` extra tree nodes (``extra_nodes``)."""
 
-_SUFFIXES = {AUTO_SUFFIX: ("adaptive", True), LOOKUP_SUFFIX: ("lookup", True)}
+
+def _split_suffix(name: str) -> tuple[str, str, Any] | None:
+    """``"x+auto"`` -> ``("x", "adaptive", True)``; ``"x+lookup4"`` ->
+    ``("x", "lookup", {"extra_nodes": 4})``; None without a known suffix."""
+    if name.endswith(AUTO_SUFFIX):
+        return name[: -len(AUTO_SUFFIX)], "adaptive", True
+    match = re.fullmatch(r"(.*)\+lookup(\d*)", name)
+    if match is None:
+        return None
+    extra = match.group(2)
+    return match.group(1), "lookup", ({"extra_nodes": int(extra)} if extra else True)
 
 
 def _named_spec(name: str, drafter: str, specs: dict[str, dict[str, Any] | None]
                 ) -> dict[str, Any] | None:
     """The spec a ``--configs`` name asks for: ``redrafter[-tree]@W<w>L<l>``, or any
-    ReDrafter name with ``+auto`` and/or ``+lookup`` suffixes (e.g. ``redrafter+auto``,
-    ``redrafter-tree+lookup``, ``redrafter-tree@W4L5+lookup+auto``)."""
+    ReDrafter name with ``+auto`` and/or ``+lookup[N]`` suffixes (e.g.
+    ``redrafter+auto``, ``redrafter-tree+lookup``, ``redrafter-tree@W1L5+lookup4+auto``)."""
     base, extra = name, {}
-    while True:
-        suffix = next((s for s in _SUFFIXES if base.endswith(s)), None)
-        if suffix is None:
-            break
-        key, value = _SUFFIXES[suffix]
+    while (split := _split_suffix(base)) is not None:
+        base, key, value = split
         extra[key] = value
-        base = base[: -len(suffix)]
     parsed = parse_redrafter_name(base)
     if parsed is not None:
         tree, width, length = parsed

@@ -50,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "redrafter-tree); redrafter = chain verification of the best "
                              "beam, redrafter-tree = the deduplicated tree of all beams; "
                              "redrafter[-tree]@W<w>L<l> sets the beams of one config; a +auto "
-                             "suffix (redrafter+auto) turns load-aware drafting on")
+                             "suffix (redrafter+auto) turns load-aware drafting on; +lookup "
+                             "adds context look-up branches to a tree config, +lookup<N> "
+                             "with N extra tree nodes (redrafter-tree@W1L5+lookup4)")
     parser.add_argument("--beam-width", type=int, default=None,
                         help="ReDrafter beam width (default: the checkpoint's)")
     parser.add_argument("--beam-length", type=int, default=None,

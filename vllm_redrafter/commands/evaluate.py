@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lookup", action="append", default=[], metavar="SPEC",
                         help="also walk trees with context look-up branches; SPEC is "
                              "'default' or comma-separated key=value of the lookup option "
-                             "(max_candidates, min_match, max_match, rank), e.g. "
+                             "(max_candidates, min_match, max_match, rank, extra_nodes), e.g. "
                              "'rank=0,max_candidates=4'; repeat to compare several")
     parser.add_argument("--out", default=None, help="write the report JSON here")
 
@@ -74,6 +74,7 @@ def _row(name: str, chain, tree, hybrids=(), specs=()) -> dict:
     if hybrids:
         row["lookup"] = [
             {"spec": spec, "tau": round(stats.tau or 0.0, 3), "steps": stats.steps,
+             "mean_nodes": round(stats.nodes / max(stats.steps, 1), 2),
              "accepted_from": {"drafter": src.drafter, "lookup": src.lookup,
                                "both": src.both}}
             for spec, (stats, src) in zip(specs, hybrids)]
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"vllm-redrafter evaluate: error: {exc}", file=sys.stderr)
         return 2
-    budget = args.beam_width * (args.beam_length - 1)
+    budget = args.beam_width * (args.beam_length - 1)  # the drafter-only tree's
 
     data = Path(args.data)
     if not data.is_file():
@@ -132,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         if drafted is None:
             continue
         chain, tree = chain_and_tree(drafted)
-        hybrids = [lookup_walk(drafted, options, budget) for options in lookups]
+        hybrids = [lookup_walk(drafted, options, budget + options.extra_nodes)
+                   for options in lookups]
         for group in ("all", categories.get(str(record.get("id")), None)):
             if group is None:
                 continue
@@ -154,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
               f"{'/'.join(f'{x:.2f}' for x in r['accept_tree'])} |")
     for r in rows:
         for item in r.get("lookup", ()):
-            print(f"| {r['group']} | lookup {item['spec']} | τ {item['tau']:.2f} | accepted "
+            print(f"| {r['group']} | lookup {item['spec']} | τ {item['tau']:.2f} | "
+                  f"nodes/step {item['mean_nodes']:.1f} | accepted "
                   f"from drafter/lookup/both {item['accepted_from']['drafter']}/"
                   f"{item['accepted_from']['lookup']}/{item['accepted_from']['both']} |")
     print(f"[evaluate] {len(records)} responses, W={args.beam_width}, L={args.beam_length}, "

@@ -201,8 +201,9 @@ def _check_tree_size(options: ReDrafterOptions) -> None:
         raise ReDrafterConfigError(
             f"ReDrafter tree mode with beam_width={options.beam_width} and beam_length="
             f"{options.beam_length} can draft {options.num_speculative_tokens} tree nodes "
-            f"per step, more than vLLM's limit of {MAX_SPEC_TOKENS}; lower beam_width or "
-            "beam_length so that beam_width * (beam_length - 1) <= 128"
+            f"per step, more than vLLM's limit of {MAX_SPEC_TOKENS}; lower beam_width, "
+            "beam_length or lookup.extra_nodes so that beam_width * (beam_length - 1) + "
+            "extra_nodes <= 128"
         )
 
 
@@ -215,8 +216,8 @@ def _check_num_tokens(value: Any, options: ReDrafterOptions, *, derived_from: st
         )
     if value != options.num_speculative_tokens:
         if options.tree:
-            rule = (f"in tree mode it must equal beam_width * (beam_length - 1) = "
-                    f"{options.num_speculative_tokens}")
+            rule = (f"in tree mode it must equal beam_width * (beam_length - 1) "
+                    f"(+ lookup.extra_nodes) = {options.num_speculative_tokens}")
         else:
             rule = f"in chain mode it must equal beam_length - 1 = {options.num_draft_tokens}"
         raise ReDrafterConfigError(
