@@ -421,6 +421,7 @@ class ReDrafterProposer:
         patches.ensure_applied(hooks.PROFILE_HOOK)
         patches.ensure_applied(hooks.TIMER_HOOK)
         patches.ensure_applied(hooks.NO_DRAFT_HOOK)
+        patches.ensure_applied(hooks.CPU_REWIND_FIX)
         check_engine_support(vllm_config)
 
         self.vllm_config = vllm_config

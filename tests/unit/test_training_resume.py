@@ -60,6 +60,10 @@ def _resume(tmp_path, generator, extra):
     resumed = train_drafter(target, rows, tmp_path / "part", _cfg(**extra), embed_table=table,
                             progress=False)
     assert resumed["total_steps"] == full["total_steps"]
+    # it continued from the checkpoint (a silent restart from step 0 would reach the same
+    # weights with the same seed)
+    assert (full["resumed_from_step"], part["resumed_from_step"]) == (0, 0)
+    assert resumed["resumed_from_step"] == 5
     a = load_file(str(tmp_path / "full" / "drafter" / "model.safetensors"))
     b = load_file(str(tmp_path / "part" / "drafter" / "model.safetensors"))
     assert a.keys() == b.keys()

@@ -50,8 +50,11 @@ def _draft_seconds(llm: Any) -> float | None:
 
 def _run_cell(llm: Any, prompts: list[list[int]], max_tokens: int, concurrency: int,
               temperature: float, seed: int, tag: str) -> tuple[list[list[int]], float]:
-    """Generate every prompt with ``concurrency`` requests in flight; (token ids, wall s)."""
+    """Generate every prompt with ``concurrency`` requests in flight; (token ids, wall s).
+    ``seed`` is unused (sampled requests are not seeded, see below)."""
     from vllm import SamplingParams
+
+    del seed
 
     engine = llm.llm_engine
     outputs: dict[int, list[int]] = {}
@@ -61,8 +64,11 @@ def _run_cell(llm: Any, prompts: list[list[int]], max_tokens: int, concurrency: 
     while pending or in_flight:
         while pending and in_flight < concurrency:
             i = pending.pop(0)
+            # No per-request seed: plain vLLM 0.32 on CPU crashes on a seeded request
+            # whose prompt is prefilled in chunks (CPU generators have no offset to
+            # rewind; ReDrafter engines carry the fix cpu-seeded-discard-rewind, the
+            # baseline does not). The engine's own seed keeps runs repeatable.
             params = SamplingParams(temperature=temperature, max_tokens=max_tokens,
-                                    seed=None if temperature == 0 else seed + i,
                                     detokenize=False)
             engine.add_request(f"{tag}-{i}", {"prompt_token_ids": prompts[i]}, params)
             in_flight += 1

@@ -1,5 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Fix of a vLLM 0.32 CPU-backend bug that makes speculative *sampling* lossy.
+"""Fixes of vLLM 0.32 CPU-backend bugs met by speculative decoding.
+
+1. ``cpu-expand-kernel-fix`` (every process): speculative *sampling* is lossy, below.
+2. ``cpu-seeded-discard-rewind`` (ReDrafter engines): a seeded sampled request whose
+   prompt is prefilled in chunks crashes the engine (``RuntimeError: CPU Generator does
+   not use offset``): after sampling, ``_bookkeeping_sync`` rewinds the generator of every
+   request whose sample is discarded (a partial prefill) by Philox offset, which CPU
+   generators do not have. Speculative decoding makes chunking common under load (drafts
+   take scheduler token budget), e.g. the bench at concurrency 64, temperature 0.7. The
+   fix keeps those generators' states before sampling, hides them from the rewind and
+   restores the states after: the discarded draws are undone exactly.
+
+The expand-kernel bug:
 
 On CPU, vLLM replaces its Triton kernels by C++ fallbacks
 (``CpuPlatform.register_triton_kernel_overrides``). The fallback of the rejection
@@ -24,8 +36,19 @@ from __future__ import annotations
 
 import torch
 
+import functools
+import inspect
+from typing import Any
+
 from vllm_redrafter.integration import compat
-from vllm_redrafter.integration.patches import Patch, is_patched, mark_patched, register_patch
+from vllm_redrafter.integration import runner as runner_state
+from vllm_redrafter.integration.patches import (
+    Patch,
+    is_patched,
+    mark_patched,
+    register_patch,
+    wrap_runner_method,
+)
 
 CPU_EXPAND_FIX = "cpu-expand-kernel-fix"
 EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
@@ -113,5 +136,65 @@ register_patch(
         remove_when="vLLM's CPU _expand_kernel_impl writes its result back into "
         "non-int64 outputs (upstream fix of vllm/utils/cpu_triton_utils.py).",
         apply=_apply_cpu_expand_fix,
+    )
+)
+
+
+CPU_REWIND_FIX = "cpu-seeded-discard-rewind"
+SAMPLE_TOKENS_PARAMETERS = ("self", "grammar_output")
+BOOKKEEPING_PARAMETERS = ("self", "scheduler_output", "sampler_output", "logits",
+                          "hidden_states", "num_scheduled_tokens")
+
+
+def _apply_cpu_rewind_fix() -> None:
+    compat.require_vllm_version(CPU_REWIND_FIX)
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return  # CUDA generators have offsets
+
+    def wrap_sample_tokens(original: Any, _: inspect.Signature) -> Any:
+        @functools.wraps(original)
+        def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
+            runner_state.note_sampling_start(self)
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                runner_state.note_sampling_end()
+
+        return sample_tokens
+
+    def wrap_bookkeeping(original: Any, _: inspect.Signature) -> Any:
+        @functools.wraps(original)
+        def _bookkeeping_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with runner_state.rewound_cpu_generators(self):
+                return original(self, *args, **kwargs)
+
+        return _bookkeeping_sync
+
+    wrap_runner_method(CPU_REWIND_FIX, "sample_tokens", SAMPLE_TOKENS_PARAMETERS,
+                       wrap_sample_tokens)
+    wrap_runner_method(CPU_REWIND_FIX, "_bookkeeping_sync", BOOKKEEPING_PARAMETERS,
+                       wrap_bookkeeping)
+
+
+register_patch(
+    Patch(
+        name=CPU_REWIND_FIX,
+        target="vllm.v1.worker.gpu_model_runner.GPUModelRunner.sample_tokens and "
+        "._bookkeeping_sync",
+        why="vLLM 0.32 rewinds the generator of a request whose sample is discarded (a "
+        "partial prefill) with set_offset(get_offset() - 4); CPU generators have no "
+        "offset, so a seeded sampled request prefilled in chunks kills the engine "
+        "(RuntimeError: CPU Generator does not use offset). Drafts take scheduler "
+        "budget, so with speculation chunking happens under ordinary load.",
+        how="On the CPU platform: sample_tokens keeps the states of the discarded "
+        "requests' CPU generators before sampling (integration/runner.py); "
+        "_bookkeeping_sync runs with those generators removed from "
+        "input_batch.generators, then restores their states and puts them back (the "
+        "discarded draws undone exactly).",
+        remove_when="vLLM's bookkeeping handles CPU generators (no set_offset on CPU).",
+        apply=_apply_cpu_rewind_fix,
+        stage="proposer",
     )
 )

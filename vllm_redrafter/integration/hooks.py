@@ -553,6 +553,9 @@ register_patch(
 )
 
 
-# A vLLM CPU-backend bug fix, registered in the same ledger (see its module docstring).
+# vLLM CPU-backend bug fixes, registered in the same ledger (see its module docstring).
 from vllm_redrafter.integration import cpu_fixes  # noqa: E402,F401
 from vllm_redrafter.integration import tree_hooks  # noqa: E402,F401
+
+CPU_REWIND_FIX = cpu_fixes.CPU_REWIND_FIX
+"""Applied by the proposer (imported from here so that the ledger keeps its order)."""

@@ -35,11 +35,14 @@ never set it in production).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from vllm_redrafter.logger import get_logger
@@ -135,6 +138,8 @@ class _WorkerState:
     last_nodes: dict[str, int] = field(default_factory=dict)
     draft_faults: int = 0
     step_started: float | None = None
+    rewind: dict[int, torch.Tensor] | None = None
+    """CPU generator states of this step's discarded requests, before sampling."""
 
 
 def draft_fault_count() -> int:
@@ -192,6 +197,41 @@ def step_has_no_drafts(runner: Any, spec_decode_metadata: Any) -> bool:
     if spec_decode_metadata is None or redrafter_of(runner) is None:
         return False
     return not any(spec_decode_metadata.num_draft_tokens)
+
+
+def note_sampling_start(runner: Any) -> None:
+    """``sample_tokens`` starts (hook ``cpu-seeded-discard-rewind``): keep the state of
+    every CPU generator of a request whose sample this step will discard (a partial
+    prefill chunk), before the sampler draws from it."""
+    num_reqs = int(runner.input_batch.num_reqs)
+    discarded = np.nonzero(runner.discard_request_mask.np[:num_reqs])[0]
+    states = {}
+    for index in discarded.tolist():
+        gen = runner.input_batch.generators.get(int(index))
+        if gen is not None and gen.device.type == "cpu":
+            states[int(index)] = gen.get_state()
+    _STATE.rewind = states
+
+
+def note_sampling_end() -> None:
+    _STATE.rewind = None
+
+
+@contextlib.contextmanager
+def rewound_cpu_generators(runner: Any) -> Iterator[None]:
+    """Around vLLM's ``_bookkeeping_sync``: its rewind of a discarded request's generator
+    (``set_offset(get_offset() - 4)``, Philox offsets) raises for CPU generators; hide
+    those generators from it, then restore the states kept before sampling, which undoes
+    the discarded draws exactly (what the offset rewind means on CUDA)."""
+    states = _STATE.rewind or {}
+    generators = runner.input_batch.generators
+    hidden = {index: generators.pop(index) for index in states if index in generators}
+    try:
+        yield
+    finally:
+        for index, gen in hidden.items():
+            gen.set_state(states[index])
+            generators[index] = gen
 
 
 def current_tree_step() -> TreeVerifyStep | None:

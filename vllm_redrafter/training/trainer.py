@@ -414,6 +414,7 @@ def train_drafter(target: str | Path, train_data: RowSet, out_dir: str | Path, c
             "total_steps": total}
     logger.info("train: %s", json.dumps(info))
     state = resume(ckpt_path, model, opt, cfg, plan.draft_vocab)
+    info["resumed_from_step"] = state.step
     if state.step:
         logger.info("train: resumed from %s at step %d/%d", ckpt_path, state.step, total)
     (out_dir / "train_config.json").write_text(json.dumps({"config": cfg.model_dump(), **info},
