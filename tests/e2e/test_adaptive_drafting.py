@@ -15,11 +15,6 @@ from tests.e2e import forced_load
 pytestmark = [pytest.mark.e2e]
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return h.tiny_assets(tmp_path_factory.getbasetemp() / "chain-tiny-assets")
-
-
 def _run(assets, adaptive: bool | None):
     kwargs = {}
     if adaptive is not None:

@@ -24,11 +24,6 @@ SAMPLING_PROMPT = 2
 TEMPERATURE = 0.8
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return h.tiny_assets(tmp_path_factory.getbasetemp() / "chain-tiny-assets")
-
-
 def _run(assets, drafter_dir=None):
     spec = None
     if drafter_dir is not None:

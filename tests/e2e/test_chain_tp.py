@@ -29,11 +29,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return h.tiny_assets(tmp_path_factory.getbasetemp() / "chain-tiny-assets")
-
-
 MODES = ["chain", "tree"]
 TARGET_HEAD = "chain-target-head"
 """Chain mode with the drafter that scores through the target's lm_head: at TP=1 its

@@ -22,11 +22,6 @@ CHUNK = dict(max_num_batched_tokens=64, max_num_seqs=4, max_model_len=512,
              enable_chunked_prefill=True)
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return h.tiny_assets(tmp_path_factory.getbasetemp() / "chain-tiny-assets")
-
-
 def _prompts(assets):
     # 4 prompts of 96 tokens: every prompt is prefilled in two or more chunks of <= 64
     return [(p * 2)[:96] for p in assets["prompts"][:4]]

@@ -29,11 +29,6 @@ SAMPLED_TOKENS = 4
 NEGATIVE_PROMPTS = 4
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return h.tiny_assets(tmp_path_factory.getbasetemp() / "chain-tiny-assets")
-
-
 def _sampling_prompt(assets):
     """The tree test's sampling prompt (several likely tokens at every position)."""
     return assets["prompts"][2]

@@ -26,11 +26,6 @@ SAMPLED_TOKENS = 4
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return h.tiny_assets(tmp_path_factory.getbasetemp() / "chain-tiny-assets")
-
-
-@pytest.fixture(scope="module")
 def baseline(assets, tmp_path_factory):
     """Plain vLLM greedy outputs, and the oracle's reference file built from them."""
     with h.vllm_engine(model=str(assets["target_dir"]), skip_tokenizer_init=True,

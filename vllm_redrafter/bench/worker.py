@@ -49,12 +49,9 @@ def _draft_seconds(llm: Any) -> float | None:
 
 
 def _run_cell(llm: Any, prompts: list[list[int]], max_tokens: int, concurrency: int,
-              temperature: float, seed: int, tag: str) -> tuple[list[list[int]], float]:
-    """Generate every prompt with ``concurrency`` requests in flight; (token ids, wall s).
-    ``seed`` is unused (sampled requests are not seeded, see below)."""
+              temperature: float, tag: str) -> tuple[list[list[int]], float]:
+    """Generate every prompt with ``concurrency`` requests in flight; (token ids, wall s)."""
     from vllm import SamplingParams
-
-    del seed
 
     engine = llm.llm_engine
     outputs: dict[int, list[int]] = {}
@@ -93,7 +90,7 @@ def main(job_path: str, result_path: str) -> int:
               seed=s["seed"], speculative_config=spec, disable_log_stats=False,
               skip_tokenizer_init=not has_tokenizer)
     # Warm-up: one short request, so first-call costs stay out of the measurement.
-    _run_cell(llm, s["prompts"][:1], 8, 1, 0.0, s["seed"], "warmup")
+    _run_cell(llm, s["prompts"][:1], 8, 1, 0.0, "warmup")
     cells = []
     for temperature in s["temperatures"]:
         for concurrency in s["concurrency"]:
@@ -101,7 +98,7 @@ def main(job_path: str, result_path: str) -> int:
             draft_before = _draft_seconds(llm)
             policy_before = _policy_counters(llm)
             token_ids, wall = _run_cell(llm, s["prompts"], s["max_tokens"], concurrency,
-                                        temperature, s["seed"], f"c{concurrency}t{temperature}")
+                                        temperature, f"c{concurrency}t{temperature}")
             draft_after = _draft_seconds(llm)
             policy_after = _policy_counters(llm)
             policy = {k: policy_after[k] - policy_before.get(k, 0.0) for k in policy_after}
