@@ -144,11 +144,13 @@ def check_engine_support(vllm_config: Any) -> None:
     """Refuse, before anything is loaded, what ReDrafter's proposer cannot run.
 
     Raises:
-        ReDrafterConfigError: pipeline parallelism > 1, or async scheduling on.
+        ReDrafterConfigError: pipeline parallelism > 1, async scheduling on, or the
+            engine on Model Runner V2.
     """
     spec_config.check_engine_options(
         int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1)),
-        bool(getattr(vllm_config.scheduler_config, "async_scheduling", False)))
+        bool(getattr(vllm_config.scheduler_config, "async_scheduling", False)),
+        bool(getattr(vllm_config, "use_v2_model_runner", False)))
 
 
 def _shard_logits(head: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,54 @@ _SEQUENTIAL_KEY = re.compile(
 # ---------------------------------------------------------------------- saving
 
 
+FINGERPRINT_KEY = "tokenizer_fingerprint"
+"""Top-level ``config.json`` key: the target tokenizer's :func:`tokenizer_fingerprint`."""
+
+
+def tokenizer_fingerprint(vocab: Mapping[str, int]) -> str:
+    """A short, stable digest of a tokenizer's token -> id table.
+
+    Two tokenizers with the same vocabulary size but other tokens or another numbering
+    (a drafter trained for another model family) get different fingerprints.
+
+    Example: ``tokenizer_fingerprint({"a": 0, "b": 1})`` is ``"sha256:"`` + 16 hex
+    digits of the SHA-256 of ``"0\ta\n1\tb\n"``; ``{"a": 1, "b": 0}`` differs.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for token, index in sorted(vocab.items(), key=lambda item: (item[1], item[0])):
+        digest.update(f"{index}\t{token}\n".encode("utf-8", "surrogatepass"))
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def fingerprint_of_tokenizer(path: str | os.PathLike[str], *, revision: str | None = None,
+                             trust_remote_code: bool = False) -> str | None:
+    """:func:`tokenizer_fingerprint` of the tokenizer at ``path`` (a local directory or an
+    already cached hub id; nothing is downloaded), or None when none can be loaded."""
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(path), revision=revision, trust_remote_code=trust_remote_code,
+            local_files_only=True)
+        return tokenizer_fingerprint(tokenizer.get_vocab())
+    except Exception:  # noqa: BLE001 - no tokenizer there: the caller decides
+        logger.debug("no tokenizer fingerprint for %s", path, exc_info=True)
+        return None
+
+
+def read_tokenizer_fingerprint(directory: str | os.PathLike[str]) -> str | None:
+    """The fingerprint a drafter checkpoint records (None: not recorded, e.g. Apple's or
+    TensorRT-LLM's format, or a drafter exported before fingerprints)."""
+    try:
+        raw = _read_json(Path(directory) / CONFIG_NAME)
+    except (OSError, ValueError):
+        return None
+    value = raw.get(FINGERPRINT_KEY)
+    return value if isinstance(value, str) else None
+
+
 def save_drafter(
     model: RecurrentDrafter,
     directory: str | os.PathLike[str],
@@ -85,6 +133,7 @@ def save_drafter(
     options: ReDrafterOptions | None = None,
     dtype: torch.dtype | None = None,
     verifier_architectures: list[str] | None = None,
+    tokenizer_fingerprint: str | None = None,
 ) -> Path:
     """Write ``model`` in our format (``config.json`` + ``model.safetensors``).
 
@@ -95,6 +144,8 @@ def save_drafter(
         options: default beam settings recorded in ``proposal_methods``.
         dtype: cast floating-point tensors to this dtype (default: keep).
         verifier_architectures: target's HF architectures (``["LlamaForCausalLM"]``).
+        tokenizer_fingerprint: the target tokenizer's :func:`tokenizer_fingerprint`,
+            checked against the serving target at start-up.
 
     Returns:
         The directory as a ``Path``.
@@ -114,6 +165,7 @@ def save_drafter(
         verifier=verifier,
         verifier_architectures=verifier_architectures,
         torch_dtype=str(stored_dtype).removeprefix("torch."),
+        **({FINGERPRINT_KEY: tokenizer_fingerprint} if tokenizer_fingerprint else {}),
     )
     _atomic_write(
         out_dir / WEIGHTS_NAME,
@@ -478,8 +530,9 @@ def convert_checkpoint(
 ) -> Path:
     """Load any supported drafter checkpoint from ``src`` and save it in our format.
 
-    When ``src`` is already in our format its verifier and default options are kept
-    unless overridden by ``verifier`` / ``options``.
+    When ``src`` is already in our format its verifier, default options and tokenizer
+    fingerprint are kept unless overridden by ``verifier`` / ``options``; otherwise the
+    fingerprint is taken from the verifier's tokenizer when it is available locally.
 
     Returns:
         ``dst`` as a ``Path``.
@@ -491,10 +544,14 @@ def convert_checkpoint(
         verifier = section.verifier.name_or_path
     if options is None:
         options = source_config.default_options()
+    fingerprint = read_tokenizer_fingerprint(src)
+    if fingerprint is None and verifier:
+        fingerprint = fingerprint_of_tokenizer(verifier)
     return save_drafter(
         model,
         dst,
         verifier=verifier,
         options=options,
         verifier_architectures=list(section.verifier.architectures) or None,
+        tokenizer_fingerprint=fingerprint,
     )

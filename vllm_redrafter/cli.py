@@ -30,6 +30,9 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
      "offline tau (chain and tree) of a drafter on the target's own greedy responses"),
     ("verify-cost", "vllm_redrafter.commands.verify_cost",
      "seconds per verification step by verified tokens, tree vs chain (demo target)"),
+    ("load-test", "vllm_redrafter.commands.load_test",
+     "the same bounded load against vllm serve without and with ReDrafter (streams "
+     "checked against a plain reference, disconnects, aborts)"),
     ("demo", "vllm_redrafter.commands.demo",
      "serve the demo target with the demo drafter, chat once, and show the speedup"),
 ]

@@ -308,6 +308,52 @@ def sample_ids(llm: Any, prompt: list[int], seeds: Any, temperature: float,
     return [tuple(o.outputs[0].token_ids) for o in outs]
 
 
+def sample_mixed(llm: Any, prompt: list[int], seeds: Any, greedy_prompts: list[list[int]],
+                 max_tokens: int, **sampling: Any) -> tuple[list[tuple[int, ...]],
+                                                         list[list[int]]]:
+    """One batch mixing seeded sampled requests (``sampling``: temperature, top_k, top_p)
+    on ``prompt`` with greedy requests on ``greedy_prompts`` (interleaved, so scheduled
+    steps hold both kinds). Returns ``(samples, greedy outputs)``."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    seeds = list(seeds)
+    prompts, params = [], []
+    every = max(1, len(seeds) // max(1, len(greedy_prompts)))
+    greedy_at = []
+    for i, seed in enumerate(seeds):
+        if i % every == 0 and len(greedy_at) < len(greedy_prompts):
+            greedy_at.append(len(prompts))
+            prompts.append(TokensPrompt(prompt_token_ids=greedy_prompts[len(greedy_at) - 1]))
+            params.append(SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                         ignore_eos=True))
+        prompts.append(TokensPrompt(prompt_token_ids=prompt))
+        params.append(SamplingParams(max_tokens=max_tokens, seed=seed, ignore_eos=True,
+                                     **sampling))
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    ids = [tuple(o.outputs[0].token_ids) for o in outs]
+    greedy_set = set(greedy_at)
+    samples = [t for i, t in enumerate(ids) if i not in greedy_set]
+    return samples, [list(ids[i]) for i in greedy_at]
+
+
+def bootstrap_power(ref: list[tuple[int, ...]], alt: list[tuple[int, ...]], positions: int,
+                    resamples: int = 200, seed: int = 0) -> float:
+    """Estimated power of :func:`assert_same_token_distribution` against the alternative
+    ``alt`` was drawn from: the share of ``resamples`` pairs of samples of the same sizes,
+    drawn with replacement from ``ref`` and ``alt``, that the check rejects."""
+    gen = torch.Generator().manual_seed(seed)
+    rejected = 0
+    for _ in range(resamples):
+        a = [ref[i] for i in torch.randint(len(ref), (len(ref),), generator=gen).tolist()]
+        b = [alt[i] for i in torch.randint(len(alt), (len(alt),), generator=gen).tolist()]
+        try:
+            assert_same_token_distribution(a, b, positions)
+        except AssertionError:
+            rejected += 1
+    return rejected / resamples
+
+
 def assert_same_token_distribution(ref: list[tuple[int, ...]],
                                    got: list[tuple[int, ...]], positions: int) -> None:
     """Chi-square homogeneity per position ``1..positions`` and of the first two tokens

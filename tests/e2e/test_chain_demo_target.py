@@ -58,18 +58,55 @@ def drafter_dir(tmp_path_factory):
                                  DEMO_VOCAB, seed=1)
 
 
-def _greedy(demo_target_dir, prompts, spec=None):
+SHORT_ANSWERS = ["What is the capital of France? Answer in one word.",
+                 "Name three primary colours.", "What is 7 times 8?",
+                 "Say hello in Spanish."]
+"""Questions the demo target answers in a few tokens (two of them end with its EOS,
+``<|im_end|>``, within 48 tokens): the tokenizer's EOS path, not a stop token id."""
+STOPS = [["."], [" the", "\n"], ["ing"], [","]]
+"""Stop strings per MT-Bench prompt (the first four): text cut inside accepted spans."""
+
+
+def _edge_outputs(llm, prompts, short_prompts):
+    """EOS and stop strings: ``(token ids, text, finish_reason, stop_reason)``."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    requests = [(p, SamplingParams(temperature=0.0, max_tokens=48)) for p in short_prompts]
+    requests += [(p, SamplingParams(temperature=0.0, max_tokens=h.NEW_TOKENS, stop=stop))
+                 for p, stop in zip(prompts, STOPS)]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in requests],
+                        [params for _, params in requests], use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), o.outputs[0].text, o.outputs[0].finish_reason,
+             o.outputs[0].stop_reason) for o in outs]
+
+
+def _greedy(demo_target_dir, prompts, spec=None, edges=None):
     with h.vllm_engine(model=str(demo_target_dir), max_model_len=1024,
                        speculative_config=spec) as llm:
         ids = h.generate_ids(llm, prompts, h.NEW_TOKENS, temperature=0.0)
-        return ids, h.spec_metrics(llm)
+        metrics = h.spec_metrics(llm)
+        if edges is not None:
+            return ids, metrics, _edge_outputs(llm, *edges)
+        return ids, metrics
 
 
 @pytest.fixture(scope="module")
-def plain(demo_target_dir, chat_prompts, grounded_prompts):
-    """Plain vLLM on the MT-Bench prompts, then the grounded ones (one engine)."""
-    ids, _ = _greedy(demo_target_dir, chat_prompts + grounded_prompts)
-    return ids
+def short_prompts(demo_target_dir):
+    return _chat(demo_target_dir, SHORT_ANSWERS)
+
+
+@pytest.fixture(scope="module")
+def plain_run(demo_target_dir, chat_prompts, grounded_prompts, short_prompts):
+    """Plain vLLM on the MT-Bench prompts, then the grounded ones (one engine), then the
+    EOS and stop-string requests."""
+    return _greedy(demo_target_dir, chat_prompts + grounded_prompts,
+                   edges=(chat_prompts, short_prompts))
+
+
+@pytest.fixture(scope="module")
+def plain(plain_run):
+    return plain_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +131,29 @@ def test_demo_target_greedy_parity(demo_target_dir, chat_prompts, drafter_dir, b
 
 
 @pytest.fixture(scope="module")
-def tree_run(demo_target_dir, chat_prompts):
+def tree_run(demo_target_dir, chat_prompts, short_prompts):
     spec = {"method": "redrafter", "model": str(SHIPPED_DRAFTER), "beam_width": 4,
             "beam_length": 5, "tree": True}
-    return _greedy(demo_target_dir, chat_prompts, spec)
+    return _greedy(demo_target_dir, chat_prompts, spec, edges=(chat_prompts, short_prompts))
+
+
+def test_eos_and_stop_strings_inside_accepted_drafts(plain_run, tree_run):
+    """The tokenizer's EOS and stop strings ending a request inside a tree's accepted
+    path: token ids, text, finish and stop reasons identical to plain vLLM; the
+    reference shows each edge was reached (EOS before max_tokens, each stop string
+    hit)."""
+    reference, got = plain_run[2], tree_run[2]
+    assert got == reference
+    eos = reference[: len(SHORT_ANSWERS)]
+    # the target ends two of them with EOS within 48 tokens (the others run on: compared
+    # all the same)
+    assert sum(r[2] == "stop" and r[3] is None and len(r[0]) < 48 for r in eos) >= 2, eos
+    stops = reference[len(SHORT_ANSWERS):]
+    assert all(r[2] == "stop" and r[3] in stop for r, stop in zip(stops, STOPS)), stops
 
 
 def test_demo_target_tree_parity_with_the_shipped_drafter(tree_run, baseline):
-    redrafter, metrics = tree_run
+    redrafter, metrics = tree_run[:2]
     assert redrafter == baseline
     assert metrics["num_drafts"] > 0
     # Trees, deduplicated: more than one beam's drafts, fewer than 4 disjoint beams'.
@@ -126,5 +178,5 @@ def test_demo_target_tree_with_lookup_keeps_parity_and_accepts_more(
     assert redrafter == baseline
     assert grounded == grounded_baseline
     assert metrics["num_draft_tokens"] <= 16 * metrics["num_drafts"], metrics
-    tree_tau = tree_run[1]["mean_acceptance_length"]
+    tree_tau = tree_run[1]["mean_acceptance_length"]  # metrics of the MT-Bench prompts
     assert metrics["mean_acceptance_length"] >= tree_tau + LOOKUP_TAU_GAIN, (metrics, tree_tau)

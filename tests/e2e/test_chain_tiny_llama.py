@@ -21,36 +21,45 @@ SAMPLES = 400
 SAMPLING_PROMPT = 2
 """Prompt whose first token has the highest entropy (about 1 nat at T=0.8)."""
 
-TEMPERATURE = 0.8
+SAMPLING = {"temperature": 0.8, "top_k": 20, "top_p": 0.9}
+"""Per-request sampling of the distribution test (top-k and top-p both active)."""
+
+TEMPERATURE_ONLY = {"temperature": 0.8}
+"""The negative control's sampling: without the fix, vLLM's CPU expand kernel hands the
+rejection sampler uninitialised top-k values, which crash the engine (an index out of
+bounds) rather than bias it; temperature alone is biased silently, the case a
+distribution test must catch."""
+
+SAMPLED_TOKENS = h.BEAM_LENGTH
+"""Tokens per sampled request: position 1 from the prefill, positions 2..L verified."""
 
 
-def _run(assets, drafter_dir=None):
-    spec = None
-    if drafter_dir is not None:
-        spec = {"method": "redrafter", "model": str(drafter_dir),
-                "beam_width": h.BEAM_WIDTH, "beam_length": h.BEAM_LENGTH}
-    prompt = assets["prompts"][SAMPLING_PROMPT]
-    # disjoint seeds: the two samples of the statistical test are independent
-    seed0 = 0 if drafter_dir is None else SAMPLES
+def _spec(drafter_dir):
+    return {"method": "redrafter", "model": str(drafter_dir),
+            "beam_width": h.BEAM_WIDTH, "beam_length": h.BEAM_LENGTH}
+
+
+def _seeds(run: int) -> range:
+    """Disjoint seeds per engine: the samples of the statistical tests are independent."""
+    return range(run * SAMPLES, (run + 1) * SAMPLES)
+
+
+def _run(assets, drafter_dir=None, run=0):
+    spec = None if drafter_dir is None else _spec(drafter_dir)
     with h.vllm_engine(model=str(assets["target_dir"]), skip_tokenizer_init=True,
                        max_num_seqs=64, speculative_config=spec) as llm:
         greedy = h.generate_ids(llm, assets["prompts"], h.NEW_TOKENS, temperature=0.0)
         greedy_metrics = h.spec_metrics(llm)
-        sampled = _sample_pairs(llm, prompt, range(seed0, seed0 + SAMPLES))
+        sampled, mixed_greedy = h.sample_mixed(
+            llm, assets["prompts"][SAMPLING_PROMPT], _seeds(run), assets["prompts"],
+            SAMPLED_TOKENS, **SAMPLING)
         total_metrics = h.spec_metrics(llm)
+        temperature_only, _ = h.sample_mixed(
+            llm, assets["prompts"][SAMPLING_PROMPT], _seeds(run + 10), [], SAMPLED_TOKENS,
+            **TEMPERATURE_ONLY)
     return {"greedy": greedy, "metrics": greedy_metrics, "sampled": sampled,
-            "total_metrics": total_metrics}
-
-
-def _sample_pairs(llm, prompt, seeds):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = [SamplingParams(temperature=TEMPERATURE, max_tokens=2, seed=s,
-                             ignore_eos=True) for s in seeds]
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * len(params), params,
-                           use_tqdm=False)
-    return [tuple(o.outputs[0].token_ids) for o in outputs]
+            "mixed_greedy": mixed_greedy, "total_metrics": total_metrics,
+            "temperature_only": temperature_only}
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +69,12 @@ def baseline(assets):
 
 @pytest.fixture(scope="module")
 def random_drafter_run(assets, baseline):
-    return _run(assets, assets["random_dir"])
+    return _run(assets, assets["random_dir"], run=1)
 
 
 @pytest.fixture(scope="module")
 def overfit_drafter_run(assets, baseline):
-    return _run(assets, assets["overfit_dir"])
+    return _run(assets, assets["overfit_dir"], run=2)
 
 
 def test_greedy_parity_random_drafter(baseline, random_drafter_run):
@@ -89,31 +98,79 @@ def test_greedy_parity_overfit_drafter_with_high_acceptance(assets, baseline,
     assert all(count > 0 for count in metrics["accepted_per_pos"]), metrics
 
 
-def test_sampling_distribution_matches_plain_vllm(baseline, overfit_drafter_run):
-    """Lossless sampling: the joint law of the first two generated tokens is unchanged.
+def test_sampling_distribution_matches_plain_vllm(assets, baseline, overfit_drafter_run):
+    """Lossless sampling: per position 1..L the token law is plain vLLM's.
 
-    Setup: one prompt, temperature 0.8, ``SAMPLES`` = 400 requests per engine, each with
-    its own fixed seed (disjoint seed ranges, so the two samples are independent).
-    Token 1 comes from the prefill; token 2 is where vLLM's rejection sampler verifies
-    the overfit drafter's draft with point-mass acceptance (accept ``d`` with probability
-    ``p(d)``, otherwise sample from ``p`` with ``d`` removed).
+    Setup: one prompt, T=0.8 with top-k 20 and top-p 0.9, ``SAMPLES`` = 400 seeded
+    requests per engine (disjoint seeds), in one batch with the 10 greedy requests
+    interleaved (steps mix greedy and sampled rows, whose per-request temperature / top-k
+    / top-p the rejection sampler expands per draft token). Position 1 comes from the
+    prefill; positions 2..L are where vLLM's rejection sampler verifies the overfit
+    drafter's chains (point-mass acceptance).
 
-    Bound: a chi-square homogeneity test on the joint (token 1, token 2) categories
-    (categories with a pooled expected count below 5 merged) must give ``p > 0.001``.
-    Under the null (same distribution) this fails with probability 0.001. Power: a lossy
-    rule that, e.g., always kept an accepted-looking draft would move P(token 2 = draft |
-    token 1 = greedy) from ``p(d)`` (about 0.5-0.9 here) to 1, a shift the test detects
-    at N=400 with probability > 0.999.
+    Bound: chi-square homogeneity per position and on the first two tokens jointly,
+    Bonferroni at 1% (:func:`h.assert_same_token_distribution`). Power: computed in
+    :func:`test_sampling_test_fails_without_the_cpu_expand_fix` on a real lossy engine.
     """
-    stat, df, p_value = h.chi_square_homogeneity(baseline["sampled"],
-                                                 overfit_drafter_run["sampled"])
-    assert p_value > 1e-3, (stat, df, p_value)
-    assert df >= 2  # the distribution is not degenerate: the test has power
+    h.assert_same_token_distribution(baseline["sampled"], overfit_drafter_run["sampled"],
+                                     SAMPLED_TOKENS)
+    h.assert_same_token_distribution(baseline["temperature_only"],
+                                     overfit_drafter_run["temperature_only"], SAMPLED_TOKENS)
+    # the greedy requests of the mixed batch are untouched by their sampled neighbours
+    assert overfit_drafter_run["mixed_greedy"] == [g[:SAMPLED_TOKENS]
+                                                   for g in baseline["greedy"]]
     # Both branches of the rejection sampler ran while sampling.
     before, after = overfit_drafter_run["metrics"], overfit_drafter_run["total_metrics"]
     drafted = after["num_draft_tokens"] - before["num_draft_tokens"]
     accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
     assert 0 < accepted < drafted, (accepted, drafted)
+
+
+@pytest.mark.time_limit(600)
+def test_sampling_test_fails_without_the_cpu_expand_fix(assets, baseline,
+                                                        overfit_drafter_run):
+    """Negative control and power of the distribution test: the same engine with the
+    ``cpu-expand-kernel-fix`` patch left out (``VLLM_REDRAFTER_SKIP_PATCHES``, in a fresh
+    interpreter so every vLLM process sees it) verifies drafts against a garbage-tempered
+    target distribution (:data:`TEMPERATURE_ONLY`); the test must reject it, and its
+    bootstrap power against that alternative at N=400 must be high. Even the greedy
+    requests of the mixed batch go wrong then (their rows are verified with garbage
+    temperatures too), which the fixed engine's mixed-batch check catches."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    request = {"engine": {"model": str(assets["target_dir"]), "skip_tokenizer_init": True,
+                          "max_num_seqs": 64,
+                          "speculative_config": _spec(assets["overfit_dir"])},
+               "prompt": assets["prompts"][SAMPLING_PROMPT], "seeds": list(_seeds(3)),
+               "greedy_prompts": assets["prompts"], "max_tokens": SAMPLED_TOKENS,
+               "sampling": TEMPERATURE_ONLY}
+    env = {**os.environ, "VLLM_REDRAFTER_SKIP_PATCHES": "cpu-expand-kernel-fix",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH"))
+                                         if p)}
+    proc = subprocess.run([sys.executable, "-m", "tests.e2e.sampling_script",
+                           json.dumps(request)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=540)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, f"rc={proc.returncode}\n{proc.stderr[-4000:]}"
+    assert "patch cpu-expand-kernel-fix NOT applied" in proc.stderr
+    result = json.loads(lines[-1][len("RESULT "):])
+    lossy = [tuple(s) for s in result["samples"]]
+    assert result["greedy"] != [g[:SAMPLED_TOKENS] for g in baseline["greedy"]]
+    assert result["metrics"]["num_accepted_tokens"] > 0
+    reference = baseline["temperature_only"]
+    with pytest.raises(AssertionError):
+        h.assert_same_token_distribution(reference, lossy, SAMPLED_TOKENS)
+    power = h.bootstrap_power(reference, lossy, SAMPLED_TOKENS)
+    assert power >= 0.9, power
+    # the same check does not reject the fixed engine's sample this often (its size)
+    size = h.bootstrap_power(reference, overfit_drafter_run["temperature_only"],
+                             SAMPLED_TOKENS)
+    assert size < power, (size, power)
 
 
 @pytest.fixture(scope="module")

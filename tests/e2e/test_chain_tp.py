@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Tensor parallelism: ReDrafter at TP=2 (multiprocessing and Ray) matches TP=1.
+"""Tensor parallelism: ReDrafter at TP=2 (multiprocessing and Ray) matches plain vLLM and
+ReDrafter at TP=1 (outputs identical to plain vLLM; drafts and accepted tokens as at TP=1).
 
 The tiny peaked Llama with the overfit drafter (so drafts are accepted and rejected, and
 the drafter's vocab-parallel head, embedding all-reduce and logits all-gather all run on
@@ -51,8 +52,18 @@ def _greedy(assets, mode, **engine):
 
 
 @pytest.fixture(scope="module")
-def tp1(assets):
-    return {mode: _greedy(assets, mode) for mode in [*MODES, TARGET_HEAD]}
+def plain(assets):
+    """Plain vLLM at TP=1: the reference every ReDrafter run must equal."""
+    with h.vllm_engine(model=str(assets["target_dir"]), skip_tokenizer_init=True) as llm:
+        return h.generate_ids(llm, assets["prompts"], h.NEW_TOKENS, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def tp1(assets, plain):
+    runs = {mode: _greedy(assets, mode) for mode in [*MODES, TARGET_HEAD]}
+    for mode, (ids, _) in runs.items():
+        assert ids == plain, f"ReDrafter {mode} at TP=1 differs from plain vLLM"
+    return runs
 
 
 def _assert_close_to_tp1(metrics, reference):
@@ -65,14 +76,14 @@ def _assert_close_to_tp1(metrics, reference):
 
 
 @pytest.mark.parametrize("mode", [*MODES, TARGET_HEAD])
-def test_tp2_multiprocessing_matches_tp1(assets, tp1, mode):
+def test_tp2_multiprocessing_matches_tp1(assets, plain, tp1, mode):
     old = h.set_env(TP_ENV)
     try:
         ids, metrics = _greedy(assets, mode, tensor_parallel_size=2,
                                distributed_executor_backend="mp")
     finally:
         h.set_env(old)
-    assert ids == tp1[mode][0]
+    assert ids == plain
     _assert_close_to_tp1(metrics, tp1[mode][1])
 
 
@@ -95,7 +106,7 @@ def _shim_dist_info(root: Path) -> Path:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_tp2_ray_matches_tp1(assets, tp1, tmp_path, mode):
+def test_tp2_ray_matches_tp1(assets, plain, tp1, tmp_path, mode):
     pytest.importorskip("ray")
     shim_path = _shim_dist_info(tmp_path / "shim")
     pythonpath = os.pathsep.join(
@@ -111,7 +122,7 @@ def test_tp2_ray_matches_tp1(assets, tp1, tmp_path, mode):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     result = json.loads(lines[-1][len("RESULT "):])
-    assert result["ids"] == tp1[mode][0]
+    assert result["ids"] == plain
     _assert_close_to_tp1(result["metrics"], tp1[mode][1])
     # the plugin and the proposer ran inside both Ray actors, at TP=2
     actor_lines = [line for line in (proc.stdout + proc.stderr).splitlines()

@@ -233,7 +233,21 @@ def test_error_async_scheduling_forced_on(tiny_llama_dir, drafters):
     assert "remove --async-scheduling" in str(info.value)
 
 
-def test_async_scheduling_left_to_vllm_is_off(tiny_llama_dir, drafters):
+def test_error_model_runner_v2_forced_on(tiny_llama_dir, drafters, monkeypatch):
+    """MRV2 has no custom_class speculator: refused before anything loads, naming the
+    variable; unset (vLLM's default) the same config is accepted and runs on V1."""
+    spec = {"method": "redrafter", "model": str(drafters["ok"])}
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(Exception) as info:
+        _engine_config(tiny_llama_dir, speculative_config=spec)
+    assert "Model Runner V2 is forced on" in str(info.value)
+    assert "unset VLLM_USE_V2_MODEL_RUNNER" in str(info.value)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    config = _engine_config(tiny_llama_dir, speculative_config=spec)
+    assert config.use_v2_model_runner is False
+
+
+def test_async_scheduling_left_to_vllm_is_off(tiny_llama_dir, drafters, monkeypatch):
     """Not forced: vLLM turns async scheduling off for custom_class drafting, which is
     what the proposer asserts when it is built (proposers.redrafter.check_engine_support)."""
     from vllm_redrafter.proposers.redrafter import check_engine_support
@@ -245,3 +259,52 @@ def test_async_scheduling_left_to_vllm_is_off(tiny_llama_dir, drafters):
     config.scheduler_config.async_scheduling = True
     with pytest.raises(Exception, match="ReDrafter needs synchronous scheduling"):
         check_engine_support(config)
+    config.scheduler_config.async_scheduling = False
+    # an engine that ended up on V2 anyway is refused by the proposer too
+    monkeypatch.setattr(type(config), "use_v2_model_runner", property(lambda self: True))
+    with pytest.raises(Exception, match="Model Runner V2 is forced on"):
+        check_engine_support(config)
+
+
+def _word_tokenizer(path: Path, words: list[str]) -> Path:
+    """A word-level HF tokenizer numbering ``words`` in the given order."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0]).save_pretrained(path)
+    return path
+
+
+def test_error_drafter_trained_for_another_tokenizer(tiny_llama_dir, tmp_path):
+    """Same vocabulary size, other token numbering: refused at start-up, naming both
+    fingerprints and the fix; the tokenizer it was trained for is accepted; a drafter
+    without a fingerprint (Apple's format, older exports) is not checked."""
+    from vllm_redrafter.checkpoint import fingerprint_of_tokenizer
+
+    words = ["<unk>"] + [f"w{i}" for i in range(VOCAB - 1)]
+    trained = _word_tokenizer(tmp_path / "trained-tok", words)
+    other = _word_tokenizer(tmp_path / "other-tok", words[:1] + words[1:][::-1])
+    drafter = _drafter(tmp_path / "drafter")
+    raw = json.loads((drafter / "config.json").read_text())
+    raw["tokenizer_fingerprint"] = fingerprint_of_tokenizer(trained)
+    (drafter / "config.json").write_text(json.dumps(raw))
+    spec = {"method": "redrafter", "model": str(drafter)}
+
+    def build(tokenizer: Path):
+        from vllm.engine.arg_utils import EngineArgs
+
+        return EngineArgs(model=str(tiny_llama_dir), tokenizer=str(tokenizer),
+                          enforce_eager=True, dtype="float32", max_model_len=256,
+                          speculative_config=spec).create_engine_config()
+
+    with pytest.raises(Exception) as info:
+        build(other)
+    message = str(info.value)
+    assert "was trained for another tokenizer" in message
+    assert raw["tokenizer_fingerprint"] in message and "vllm-redrafter train" in message
+    assert build(trained).speculative_config.method == "custom_class"
+    del raw["tokenizer_fingerprint"]
+    (drafter / "config.json").write_text(json.dumps(raw))
+    assert build(other).speculative_config.method == "custom_class"

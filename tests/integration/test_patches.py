@@ -11,6 +11,7 @@ import torch
 
 from vllm_redrafter import plugin
 from vllm_redrafter.integration import compat, hooks, patches
+from vllm_redrafter.versioning import PatchError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -172,3 +173,32 @@ def test_profile_hook_leaves_other_proposers_alone(monkeypatch):
     drafter.profile_run = lambda num_reqs: events.append(("drafter", num_reqs))
     runner.profile_run()
     assert ("drafter", 48) not in events and ("target", 64) in events
+
+
+def test_user_can_skip_only_skippable_patches(monkeypatch):
+    """``VLLM_REDRAFTER_SKIP_PATCHES`` leaves a vLLM bug fix out (the tests' negative
+    control of each fix); hooks ReDrafter runs on cannot be skipped, typos are errors."""
+    import dataclasses
+
+    from vllm_redrafter.integration import cpu_fixes
+
+    monkeypatch.setenv(patches.ENV_SKIP, hooks.RUNNER_HOOK)
+    with pytest.raises(PatchError, match="not skippable"):
+        patches.skipped_by_user()
+    monkeypatch.setenv(patches.ENV_SKIP, "cpu-expand-kernel-fx")
+    with pytest.raises(PatchError, match="cpu-expand-kernel-fix"):  # lists the valid ones
+        patches.skipped_by_user()
+    monkeypatch.setenv(patches.ENV_SKIP, f" {cpu_fixes.CPU_EXPAND_FIX}, ")
+    assert patches.skipped_by_user() == {cpu_fixes.CPU_EXPAND_FIX}
+
+    calls = []
+    fake = dataclasses.replace(patches.get_patch(cpu_fixes.CPU_EXPAND_FIX),
+                               apply=lambda: calls.append("applied"))
+    monkeypatch.setattr(patches, "_applied", [])
+    monkeypatch.setattr(patches, "_skipped", [])
+    patches._apply_one(fake)
+    assert calls == [] and patches._skipped == [cpu_fixes.CPU_EXPAND_FIX]
+    monkeypatch.delenv(patches.ENV_SKIP)
+    monkeypatch.setattr(patches, "_skipped", [])
+    patches._apply_one(fake)
+    assert calls == ["applied"] and patches.applied() == [cpu_fixes.CPU_EXPAND_FIX]

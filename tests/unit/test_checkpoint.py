@@ -485,3 +485,20 @@ def test_convert_ours_keeps_verifier_and_options(tmp_path):
     assert cfg.drafter == model.config
     loaded = load_drafter(dst)
     torch.testing.assert_close(_outputs(loaded), _outputs(model), rtol=0, atol=0)
+
+
+def test_tokenizer_fingerprint_is_recorded_and_tells_numberings_apart(tmp_path):
+    from vllm_redrafter.checkpoint import read_tokenizer_fingerprint, tokenizer_fingerprint
+
+    vocab = {"a": 0, "b": 1, "c": 2}
+    fingerprint = tokenizer_fingerprint(vocab)
+    assert fingerprint.startswith("sha256:") and len(fingerprint) == 7 + 16
+    assert tokenizer_fingerprint(dict(reversed(list(vocab.items())))) == fingerprint
+    assert tokenizer_fingerprint({"a": 1, "b": 0, "c": 2}) != fingerprint  # same size
+    assert tokenizer_fingerprint({"a": 0, "b": 1, "d": 2}) != fingerprint
+    model = RecurrentDrafter(DrafterConfig(hidden_size=4, vocab_size=3, exit_dim=8,
+                                           num_draft_layers=0))
+    assert read_tokenizer_fingerprint(save_drafter(model, tmp_path / "none")) is None
+    out = save_drafter(model, tmp_path / "with", tokenizer_fingerprint=fingerprint)
+    assert read_tokenizer_fingerprint(out) == fingerprint
+    assert load_drafter(out).config == model.config  # the extra key loads unchanged

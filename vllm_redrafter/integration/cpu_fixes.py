@@ -136,6 +136,7 @@ register_patch(
         remove_when="vLLM's CPU _expand_kernel_impl writes its result back into "
         "non-int64 outputs (upstream fix of vllm/utils/cpu_triton_utils.py).",
         apply=_apply_cpu_expand_fix,
+        skippable=True,
     )
 )
 
@@ -196,5 +197,6 @@ register_patch(
         remove_when="vLLM's bookkeeping handles CPU generators (no set_offset on CPU).",
         apply=_apply_cpu_rewind_fix,
         stage="proposer",
+        skippable=True,
     )
 )

@@ -249,6 +249,14 @@ _FLAG_KEYS = (
 )
 
 
+def _v2_runner_forced() -> bool:
+    """Whether the user forced vLLM's Model Runner V2 on (``VLLM_USE_V2_MODEL_RUNNER=1``;
+    unset lets vLLM pick V1 for ``custom_class`` drafting by itself)."""
+    import vllm.envs as envs
+
+    return bool(envs.VLLM_USE_V2_MODEL_RUNNER)
+
+
 def _user_spec_view(engine_args: Any) -> dict[str, Any] | None:
     """The user's speculative config as vLLM would merge it (dict + --spec-* flags)."""
     spec = engine_args.speculative_config
@@ -264,6 +272,18 @@ def _user_spec_view(engine_args: Any) -> dict[str, Any] | None:
 def _target_sizes(target_model_config: Any) -> tuple[int | None, int | None]:
     """(hidden size, vocabulary size) of the target ModelConfig."""
     return target_model_config.get_hidden_size(), target_model_config.get_vocab_size()
+
+
+def _check_target_tokenizer(engine_args: Any, target_model_config: Any,
+                            drafter_dir: str) -> None:
+    """The drafter's recorded tokenizer fingerprint against the target's tokenizer
+    (skipped with ``skip_tokenizer_init``: token-id-only serving has no tokenizer)."""
+    if getattr(target_model_config, "skip_tokenizer_init", False):
+        return
+    spec_config.check_tokenizer(
+        drafter_dir, getattr(target_model_config, "tokenizer", None),
+        revision=getattr(target_model_config, "tokenizer_revision", None),
+        trust_remote_code=bool(getattr(target_model_config, "trust_remote_code", False)))
 
 
 def _store_settings(engine_args: Any, settings: spec_config.ReDrafterSettings) -> None:
@@ -307,13 +327,14 @@ def _apply_config_hook() -> None:
         ):
             spec_config.check_engine_options(
                 int(getattr(target_parallel_config, "pipeline_parallel_size", 1)),
-                getattr(self, "async_scheduling", None))
+                getattr(self, "async_scheduling", None), _v2_runner_forced())
         if spec_config.is_redrafter_request(view):
             assert view is not None
             hidden, vocab = _target_sizes(target_model_config)
             vllm_spec, settings = spec_config.translate_speculative_config(
                 view, target_hidden_size=hidden, target_vocab_size=vocab
             )
+            _check_target_tokenizer(self, target_model_config, settings.drafter_dir)
             _store_settings(self, settings)
             # The --spec-* flags were folded into the view; vLLM must not re-merge them.
             for attr, _ in _FLAG_KEYS:

@@ -25,6 +25,9 @@ idempotent (a wrapper is marked and never wrapped twice). *Applied*: `plugin` = 
 `vllm.general_plugins` entry point in every vLLM process; `proposer` = lazily, when
 `ReDrafterProposer` is built inside a model runner (so API-server processes never import
 the runner module); `refused` = only when the plugin refuses the installed vLLM version.
+*Skippable* patches (fixes of vLLM bugs, never the hooks ReDrafter runs on) can be left out
+for diagnosis with `VLLM_REDRAFTER_SKIP_PATCHES=name[,name]` (logged as a warning in every
+process); the tests use it as the negative control of each fix.
 
 """
 

@@ -37,7 +37,15 @@ class Patch:
     load); ``"proposer"`` lazily by :func:`ensure_applied` when the ReDrafter proposer is
     built inside a model runner (so front-end processes never import the runner module);
     ``"refused"`` only by the plugin when it refuses the installed vLLM version."""
+    skippable: bool = False
+    """Whether :data:`ENV_SKIP` may switch it off (fixes of vLLM bugs that ReDrafter runs
+    without, only less correctly; never the hooks ReDrafter needs to run at all)."""
 
+
+ENV_SKIP = "VLLM_REDRAFTER_SKIP_PATCHES"
+"""Comma-separated names of skippable patches not to apply, for diagnosis only (for
+example to check whether a vLLM bug fix matters on your build); each skip is logged as a
+warning in every process. A name that is unknown or not skippable is an error."""
 
 PATCH_MARK = "__redrafter_patch__"
 """Attribute set on every wrapper (value: the patch name); makes patches idempotent."""
@@ -82,6 +90,8 @@ def wrap_runner_method(
 
 LEDGER: list[Patch] = []
 _applied: list[str] = []
+_skipped: list[str] = []
+"""Patches left out in this process because :data:`ENV_SKIP` names them."""
 
 
 def register_patch(patch: Patch) -> Patch:
@@ -160,8 +170,34 @@ def apply_all() -> list[str]:
     return list(_applied)
 
 
+def skipped_by_user() -> set[str]:
+    """The patch names in :data:`ENV_SKIP` (validated: each one is a skippable patch).
+
+    Raises:
+        PatchError: a name is unknown or names a patch ReDrafter cannot run without.
+    """
+    import os
+
+    names = {n.strip() for n in os.environ.get(ENV_SKIP, "").split(",") if n.strip()}
+    if not names:
+        return set()
+    _load_ledger()
+    skippable = {p.name for p in LEDGER if p.skippable}
+    bad = sorted(names - skippable)
+    if bad:
+        raise PatchError(
+            f"{ENV_SKIP} names {bad}, which are not skippable patches; the skippable ones "
+            f"are {sorted(skippable)}")
+    return names
+
+
 def _apply_one(patch: Patch) -> None:
-    if patch.name in _applied:
+    if patch.name in _applied or patch.name in _skipped:
+        return
+    if patch.name in skipped_by_user():
+        _skipped.append(patch.name)
+        logger.warning("vllm-redrafter: patch %s NOT applied (%s): %s", patch.name,
+                       ENV_SKIP, patch.why)
         return
     patch.apply()
     _applied.append(patch.name)
@@ -195,8 +231,9 @@ def ledger_markdown() -> str:
         "|---|---|---|---|---|---|",
     ]
     for p in LEDGER:
+        stage = f"{p.stage} (skippable)" if p.skippable else p.stage
         rows.append(
-            f"| {p.name} | `{p.target}` | {p.stage} | {p.why} | {p.how} | "
+            f"| {p.name} | `{p.target}` | {stage} | {p.why} | {p.how} | "
             f"{p.remove_when} |"
         )
     return "\n".join(rows)

@@ -38,6 +38,7 @@ from pydantic import ValidationError
 
 from vllm_redrafter.config import DrafterConfig, ReDrafterOptions
 from vllm_redrafter.integration.compat import ADDITIONAL_CONFIG_KEY, PROPOSER_CLASS_PATH
+from vllm_redrafter.logger import get_logger
 
 REDRAFTER_METHOD = "redrafter"
 """``speculative_config["method"]`` that selects ReDrafter."""
@@ -166,6 +167,52 @@ def load_drafter_config(
     return path.resolve(), checkpoint.drafter, checkpoint.default_options()
 
 
+logger = get_logger(__name__)
+
+
+def check_tokenizer(drafter_dir: str | Path, target_tokenizer: str | None, *,
+                    revision: str | None = None, trust_remote_code: bool = False) -> str:
+    """Refuse a drafter trained for another tokenizer than the target's.
+
+    The drafter's ``config.json`` records the fingerprint of its target's tokenizer
+    (:func:`vllm_redrafter.checkpoint.tokenizer_fingerprint`, written at export); the
+    serving target's tokenizer must have the same one. Same vocabulary *size* is not
+    enough: another model family's tokenizer numbers its tokens otherwise, and every
+    draft would then be wrong (slow, never incorrect).
+
+    Returns:
+        What was checked: ``"match"``, or why nothing was (``"no fingerprint"``: the
+        drafter records none; ``"no tokenizer"``: the target runs without one).
+
+    Raises:
+        ReDrafterConfigError: the fingerprints differ.
+    """
+    from vllm_redrafter.checkpoint import (
+        fingerprint_of_tokenizer,
+        read_tokenizer_fingerprint,
+    )
+
+    expected = read_tokenizer_fingerprint(drafter_dir)
+    if expected is None:
+        return "no fingerprint"
+    if target_tokenizer is None:
+        return "no tokenizer"
+    found = fingerprint_of_tokenizer(target_tokenizer, revision=revision,
+                                     trust_remote_code=trust_remote_code)
+    if found is None:
+        logger.warning("ReDrafter: the target tokenizer %s could not be loaded locally to "
+                       "check it against the drafter's; not checked", target_tokenizer)
+        return "no tokenizer"
+    if found != expected:
+        raise ReDrafterConfigError(
+            f"ReDrafter drafter {str(drafter_dir)!r} was trained for another tokenizer "
+            f"(fingerprint {expected}) than the target's {target_tokenizer!r} ({found}): "
+            "its drafts would never match the target's tokens. Use a drafter trained for "
+            "this target (vllm-redrafter train --target ...), or serve the target it was "
+            "trained for")
+    return "match"
+
+
 def check_against_target(
     drafter: DrafterConfig,
     drafter_dir: str | Path,
@@ -235,12 +282,28 @@ ASYNC_SCHEDULING_MESSAGE = (
     "forced on")
 
 
-def check_engine_options(pipeline_parallel_size: int, async_scheduling: bool | None) -> None:
+V2_RUNNER_MESSAGE = (
+    "ReDrafter needs vLLM's V1 model runner, but Model Runner V2 is forced on "
+    "(VLLM_USE_V2_MODEL_RUNNER=1): V2 has no custom_class speculator API, so the drafter "
+    "could not run; unset VLLM_USE_V2_MODEL_RUNNER (vLLM then picks V1 for ReDrafter by "
+    "itself) or set it to 0")
+
+
+def check_engine_options(pipeline_parallel_size: int, async_scheduling: bool | None,
+                         v2_model_runner: bool | None = None) -> None:
     """Engine options ReDrafter cannot run with, refused at start-up.
 
+    Args:
+        pipeline_parallel_size: the engine's pipeline-parallel size.
+        async_scheduling: the user's (or the resolved) async-scheduling setting.
+        v2_model_runner: whether vLLM's Model Runner V2 is forced on (or in use).
+
     Raises:
-        ReDrafterConfigError: pipeline parallelism > 1, or async scheduling forced on.
+        ReDrafterConfigError: pipeline parallelism > 1, async scheduling forced on, or
+            Model Runner V2 forced on.
     """
+    if v2_model_runner:
+        raise ReDrafterConfigError(V2_RUNNER_MESSAGE)
     if pipeline_parallel_size > 1:
         raise ReDrafterConfigError(
             f"ReDrafter does not support pipeline parallelism (pipeline_parallel_size="

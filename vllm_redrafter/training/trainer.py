@@ -526,8 +526,9 @@ def train_drafter(target: str | Path, train_data: RowSet, out_dir: str | Path, c
 
 def export(model, out_dir: Path, cfg: TrainConfig, target: str | Path,
            verifier_name: str | None, architectures: list[str] | None) -> Path:
-    """Write the drafter in our checkpoint format to ``out_dir/drafter``."""
-    from vllm_redrafter.checkpoint import save_drafter
+    """Write the drafter in our checkpoint format to ``out_dir/drafter`` (with the target
+    tokenizer's fingerprint when the target has a tokenizer)."""
+    from vllm_redrafter.checkpoint import fingerprint_of_tokenizer, save_drafter
     from vllm_redrafter.config import ReDrafterOptions
 
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -535,7 +536,8 @@ def export(model, out_dir: Path, cfg: TrainConfig, target: str | Path,
     return save_drafter(model, out_dir / "drafter", verifier=verifier_name or str(target),
                         options=ReDrafterOptions(beam_width=cfg.beam_width,
                                                  beam_length=cfg.num_steps + 1),
-                        dtype=dtype, verifier_architectures=architectures)
+                        dtype=dtype, verifier_architectures=architectures,
+                        tokenizer_fingerprint=fingerprint_of_tokenizer(target))
 
 
 def write_history(history: list[dict], out_dir: Path) -> None:

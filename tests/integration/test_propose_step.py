@@ -1,0 +1,109 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``ReDrafterProposer.propose_step`` on hand-made hidden states and step metadata (no
+engine): each request is drafted from *its* context row of ``sample_hidden_states`` and
+its init token, exactly as a direct ``beam_search`` on those rows drafts.
+
+The layout: 3 requests in the batch, 6 sampled rows (partial prefills and drafts put
+each request's context row anywhere); request ``b`` (batch index 1) gets no draft.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from vllm_redrafter.beam_search import beam_search
+from vllm_redrafter.config import DrafterConfig
+from vllm_redrafter.drafter import RecurrentDrafter
+from vllm_redrafter.policy import DraftPolicy
+from vllm_redrafter.proposers.redrafter import ReDrafterProposer
+from vllm_redrafter.steps import DraftRequest, DraftStep
+from vllm_redrafter.tree import build_tree
+
+HIDDEN, VOCAB, WIDTH, LENGTH = 8, 40, 3, 4
+ROWS = {"a": 4, "c": 1}  # context row of each drafted request
+INIT = {"a": 11, "c": 29}
+
+
+def _proposer(tree_mode: bool) -> ReDrafterProposer:
+    generator = torch.Generator().manual_seed(0)
+    config = DrafterConfig(hidden_size=HIDDEN, vocab_size=VOCAB, exit_dim=2 * HIDDEN,
+                           num_draft_layers=1)
+    proposer = object.__new__(ReDrafterProposer)  # no vLLM config: built by hand
+    proposer.drafter = RecurrentDrafter(config, generator=generator).eval()
+    proposer.embed = nn.Embedding(VOCAB, HIDDEN)
+    nn.init.normal_(proposer.embed.weight, generator=generator)
+    proposer.dtype = torch.float32
+    proposer.options = SimpleNamespace(beam_width=WIDTH, beam_length=LENGTH,
+                                       draft_top_k=None, num_draft_tokens=LENGTH - 1)
+    proposer.tree_mode = tree_mode
+    proposer.num_speculative_tokens = WIDTH * (LENGTH - 1) if tree_mode else LENGTH - 1
+    proposer.policy = DraftPolicy(max_length=LENGTH - 1)  # not adaptive: full drafts
+    proposer._step_beam_length = LENGTH
+    proposer._graphed = None
+    proposer._host = None
+    proposer._rows_cpu = torch.zeros(4, dtype=torch.int64)
+    proposer._init_cpu = torch.zeros(4, dtype=torch.int64)
+    proposer._rows = torch.zeros(4, dtype=torch.int64)
+    proposer._init = torch.zeros(4, dtype=torch.int64)
+    proposer.draft_seconds, proposer.num_proposals = 0.0, 0
+    return proposer
+
+
+def _step() -> DraftStep:
+    return DraftStep(num_reqs=3, num_rows=6, requests=[
+        DraftRequest("a", 0, ROWS["a"], INIT["a"], True),
+        DraftRequest("c", 2, ROWS["c"], INIT["c"], True)])
+
+
+def _expected_beams(proposer: ReDrafterProposer, hidden: torch.Tensor) -> torch.Tensor:
+    rows = torch.tensor([ROWS["a"], ROWS["c"]])
+    init = torch.tensor([INIT["a"], INIT["c"]])
+    return beam_search(proposer.drafter, proposer.embed, hidden[rows], init, WIDTH,
+                       LENGTH).tokens  # [2, W, L]
+
+
+@pytest.fixture
+def hidden() -> torch.Tensor:
+    return torch.randn(6, HIDDEN, generator=torch.Generator().manual_seed(1))  # [rows, H]
+
+
+def test_chain_drafts_the_best_beam_of_each_context_row(hidden):
+    proposer = _proposer(tree_mode=False)
+    proposal = proposer.propose_step(_step(), hidden)
+    beams = _expected_beams(proposer, hidden)
+    assert proposal.in_batch_order(["a", "b", "c"]) == [
+        beams[0, 0, 1:].tolist(), [], beams[1, 0, 1:].tolist()]
+    assert proposal.trees == {}
+    # Negative control: drafting from the wrong rows (the first two) drafts otherwise.
+    wrong = beam_search(proposer.drafter, proposer.embed, hidden[:2],
+                        torch.tensor([INIT["a"], INIT["c"]]), WIDTH, LENGTH).tokens
+    assert not torch.equal(wrong[:, 0], beams[:, 0])
+    assert proposer.num_proposals == 2
+
+
+def test_tree_drafts_the_deduplicated_beams_of_each_context_row(hidden):
+    proposer = _proposer(tree_mode=True)
+    proposal = proposer.propose_step(_step(), hidden)
+    packed = build_tree(_expected_beams(proposer, hidden))
+    for k, req_id in enumerate(["a", "c"]):
+        n = int(packed.num_nodes[k])
+        tree = proposal.trees[req_id]
+        assert list(tree.tokens) == packed.packed_tokens[k, :n].tolist()
+        assert list(tree.parents) == packed.parents[k, :n].tolist()
+        assert tree.tokens[0] == INIT[req_id]
+        assert proposal.drafts[req_id] == list(tree.tokens[1:])
+    assert "b" not in proposal.drafts
+
+
+def test_a_non_finite_context_row_is_refused_but_other_rows_are_not_read(hidden):
+    proposer = _proposer(tree_mode=False)
+    hidden[ROWS["a"], 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        proposer.propose_step(_step(), hidden)
+    hidden[ROWS["a"], 0] = 0.0
+    hidden[0, 0] = float("inf")  # row 0 belongs to no drafted request
+    assert proposer.propose_step(_step(), hidden).drafts["a"]
