@@ -49,7 +49,7 @@ from vllm_redrafter.beam_search import (
 )
 from vllm_redrafter.checkpoint import load_drafter
 from vllm_redrafter.config import LookupOptions
-from vllm_redrafter.drafter import RecurrentDrafter
+from vllm_redrafter.drafter import RecurrentDrafter, resolve_draft_dtype
 from vllm_redrafter.integration import compat, hooks, patches, spec_config, tree_hooks
 from vllm_redrafter.logger import get_logger
 from vllm_redrafter.lookup import (
@@ -352,6 +352,19 @@ def _target_output_head(target_model: nn.Module) -> nn.Module:
     return head
 
 
+class _CastEmbedding(nn.Module):
+    """The target's input embedding (shared by reference) with its output in the
+    drafter's dtype: ``[*]`` ids -> ``[*, H]``."""
+
+    def __init__(self, embed: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner = embed
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(ids).to(self.dtype)
+
+
 def _input_embedding(target_model: nn.Module) -> nn.Module:
     """The target's token-embedding module (raw table lookup, as the drafter was trained).
 
@@ -456,6 +469,9 @@ class ReDrafterProposer:
             )
         self.max_num_reqs = int(vllm_config.scheduler_config.max_num_seqs)
         self.dtype = vllm_config.model_config.dtype
+        """The target's dtype."""
+        self.draft_dtype = self.dtype
+        """The drafter's dtype (option ``draft_dtype``; resolved in :meth:`load_model`)."""
         self.drafter: RecurrentDrafter | None = None
         self.embed: nn.Module | None = None
         self.device: torch.device | None = None
@@ -499,14 +515,18 @@ class ReDrafterProposer:
         embed = _input_embedding(target_model)
         device = _runner_device(self.vllm_config)
         drafter_dir = self.settings.drafter_dir
-        core = load_on_every_rank(lambda: load_drafter(drafter_dir, dtype=self.dtype),
+        core = load_on_every_rank(lambda: load_drafter(drafter_dir),
                                   f"the drafter {drafter_dir}", _gather_over_tp_cpu_group)
+        self.draft_dtype = resolve_draft_dtype(
+            self.options.draft_dtype, self.dtype, core.dtype, core.config.uses_target_head)
+        core = core.to(self.draft_dtype)
         embed_dim = getattr(embed, "embedding_dim", core.hidden_size)
         if embed_dim != core.hidden_size:
             raise spec_config.ReDrafterConfigError(
                 f"ReDrafter drafter hidden_size={core.hidden_size} does not match the "
                 f"target embedding width {embed_dim}"
             )
+        embed = _CastEmbedding(embed, self.draft_dtype)
         head: VocabParallelDraftHead | TargetDraftHead
         if core.config.uses_target_head:
             core = core.to(device).eval().requires_grad_(False)
@@ -519,7 +539,7 @@ class ReDrafterProposer:
             full_head = core.lm_head.weight  # [Vd, E] on the CPU
             with set_current_vllm_config(self.vllm_config), torch.device(device):
                 head = VocabParallelDraftHead(
-                    core.draft_vocab_size, core.config.exit_dim, self.dtype
+                    core.draft_vocab_size, core.config.exit_dim, self.draft_dtype
                 )
             core.lm_head = head  # replaces the full projection; frees it on every rank
             core = core.to(device).eval().requires_grad_(False)
@@ -536,7 +556,7 @@ class ReDrafterProposer:
             self._host = torch.zeros(self.max_num_reqs, width, dtype=torch.int64, **pin)
             if head.tp_size == 1 and not self.vllm_config.model_config.enforce_eager:
                 self._graphed = GraphedSearch(
-                    self._eager_beam_search, core.hidden_size, self.dtype, device,
+                    self._eager_beam_search, core.hidden_size, self.draft_dtype, device,
                     batch_buckets(self.max_num_reqs), CudaGraphBackend())
         if self.tree_mode:
             _check_tree_attention(target_model)
@@ -544,7 +564,7 @@ class ReDrafterProposer:
         logger.info(
             "ReDrafter proposer ready: drafter %s (%s, %d parameters on this rank), "
             "head=%s, beam_width=%d, beam_length=%d, draft_top_k=%s, tp=%d, verification=%s, "
-            "drafting=%s", self.settings.drafter_dir, self.dtype, core.num_parameters(),
+            "drafting=%s", self.settings.drafter_dir, self.draft_dtype, core.num_parameters(),
             core.config.head, self.options.beam_width, self.options.beam_length,
             self.options.draft_top_k, head.tp_size, "tree" if self.tree_mode else "chain",
             "CUDA graphs" if self._graphed is not None else "eager")
@@ -575,14 +595,14 @@ class ReDrafterProposer:
         # candidates), inside the formula's Vd bound
         return beam_search_peak_bytes(
             num_reqs, self.options.beam_width, self.drafter.draft_vocab_size,
-            max(config.hidden_size, config.exit_dim), self.dtype,
+            max(config.hidden_size, config.exit_dim), self.draft_dtype,
             draft_top_k=self.options.draft_top_k, extra_columns=extra)
 
     def dummy_run(self, num_reqs: int) -> None:
         """One beam search on zero hidden states for ``num_reqs`` requests."""
         assert self.drafter is not None
         hidden = torch.zeros(
-            num_reqs, self.drafter.hidden_size, dtype=self.dtype, device=self.device
+            num_reqs, self.drafter.hidden_size, dtype=self.draft_dtype, device=self.device
         )  # [B, H]
         init = torch.zeros(num_reqs, dtype=torch.int64, device=self.device)  # [B]
         self._eager_beam_search(hidden, init)
@@ -594,7 +614,7 @@ class ReDrafterProposer:
         replayed from a CUDA graph when they are captured."""
         length = self._step_beam_length
         if self._graphed is not None and length == self.options.beam_length:
-            return self._graphed(hidden.to(self.dtype), init_tokens)
+            return self._graphed(hidden.to(self.draft_dtype), init_tokens)
         return self._eager_beam_search(hidden, init_tokens, length)
 
     def _eager_beam_search(self, hidden: torch.Tensor, init_tokens: torch.Tensor,
@@ -604,7 +624,7 @@ class ReDrafterProposer:
         beams = beam_search(
             self.drafter,
             self.embed,
-            hidden.to(self.dtype),
+            hidden.to(self.draft_dtype),
             init_tokens,
             self.options.beam_width,
             beam_length or self.options.beam_length,

@@ -179,6 +179,10 @@ class ReDrafterOptions(BaseModel):
         lookup: context look-up branches joined with the beams in the tree
             (:class:`LookupOptions`; ``true`` for its defaults); None/``false`` = off.
             Needs ``tree``.
+        draft_dtype: dtype the drafter runs in. ``"auto"``: the target's, except that a
+            float32 target runs a drafter stored in 16 bits in its stored dtype (drafts
+            are proposals, verified exactly: upcasting gains nothing but costs time);
+            drafters scoring with the target's head always run in the target's dtype.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -203,6 +207,9 @@ class ReDrafterOptions(BaseModel):
     )
     lookup: LookupOptions | None = Field(
         default=None, description="Context look-up branches in the tree (needs tree)."
+    )
+    draft_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Drafter dtype (auto: see the class docstring)."
     )
 
     @field_validator("lookup", mode="before")

@@ -190,6 +190,11 @@ class RecurrentDrafter(nn.Module):
         return sum(param.numel() for param in self.parameters())
 
     @property
+    def dtype(self) -> torch.dtype:
+        """Floating-point dtype of the weights."""
+        return self._reference_param().dtype
+
+    @property
     def hidden_size(self) -> int:
         """``H``."""
         return self.config.hidden_size
@@ -460,3 +465,37 @@ class RecurrentDrafter(nn.Module):
             f"vocab_size={cfg.vocab_size}, draft_vocab_size={cfg.draft_vocab_size}, "
             f"head={cfg.head}"
         )
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_draft_dtype(option: str, target_dtype: torch.dtype, stored_dtype: torch.dtype,
+                        uses_target_head: bool) -> torch.dtype:
+    """The dtype a drafter runs in (the ``draft_dtype`` option).
+
+    ``"auto"``: the target's dtype, except that a float32 target runs a drafter stored
+    in 16 bits in its stored dtype (its weights hold no more precision, and a 16-bit
+    matmul is ~1.6x faster at batch 1 and ~3x at batch 16 on an AMX CPU); a drafter that
+    scores with the target's head (``uses_target_head``) shares the head's weights by
+    reference and always runs in the target's dtype. Any other value is taken as given.
+
+    Example: ``("auto", float32, bfloat16, False)`` -> bfloat16;
+    ``("auto", float32, float32, False)`` -> float32; ``("auto", bfloat16, float32,
+    False)`` -> bfloat16; ``("float32", bfloat16, bfloat16, False)`` -> float32.
+
+    Raises:
+        ValueError: an explicit dtype for a target-head drafter, or an unknown name.
+    """
+    if option != "auto":
+        if option not in _DTYPES:
+            raise ValueError(f"draft_dtype must be auto, {', '.join(_DTYPES)}; got {option!r}")
+        if uses_target_head:
+            raise ValueError(
+                "draft_dtype applies to drafters with their own output head; this drafter "
+                "scores with the target's head, which runs in the target's dtype: omit "
+                "draft_dtype")
+        return _DTYPES[option]
+    if uses_target_head or target_dtype != torch.float32:
+        return target_dtype
+    return stored_dtype if stored_dtype in (torch.bfloat16, torch.float16) else target_dtype

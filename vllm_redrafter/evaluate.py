@@ -169,7 +169,8 @@ def draft_response(
     Args:
         target: a transformers causal LM (``.model`` returns post-norm hidden states,
             ``.get_input_embeddings()`` the table the drafter reads).
-        drafter: a :class:`~vllm_redrafter.drafter.RecurrentDrafter` in the same dtype.
+        drafter: a :class:`~vllm_redrafter.drafter.RecurrentDrafter` (in the target's
+            dtype or, as the engine runs it, the one ``draft_dtype`` resolves to).
         token_ids: prompt + response.
         prompt_len: ``P``.
     """
@@ -179,7 +180,9 @@ def draft_response(
         return None
     hidden = target.model(input_ids=sequence[None]).last_hidden_state[0]  # [T, H]
     rows = torch.arange(start, end + 1)  # [S]
-    beams = beam_search(drafter, target.get_input_embeddings(), hidden[rows],
+    dtype = next(drafter.parameters()).dtype  # the drafter may run in 16 bits (draft_dtype)
+    table = target.get_input_embeddings()
+    beams = beam_search(drafter, lambda ids: table(ids).to(dtype), hidden[rows].to(dtype),
                         sequence[rows + 1], beam_width, beam_length,
                         draft_top_k=draft_top_k).tokens  # [S, W, L]
     return DraftedResponse(sequence, beams, start, end)

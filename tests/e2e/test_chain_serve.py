@@ -85,10 +85,11 @@ def plain_reference(demo_target_dir):
 @pytest.fixture(scope="module", params=["speculative-model", "speculative-config"])
 def server(request, demo_target_dir, drafter_dir, plain_reference, tmp_path_factory):
     if request.param == "speculative-model":
-        spec_args = ["--speculative-model", f"redrafter:{drafter_dir}"]
+        spec_args = ["--speculative-model", f"redrafter:{drafter_dir}",
+                     "--speculative-config", json.dumps({"adaptive": False})]
     else:
         spec_args = ["--speculative-config", json.dumps({
-            "method": "redrafter", "model": str(SHIPPED_DRAFTER),
+            "method": "redrafter", "model": str(SHIPPED_DRAFTER), "adaptive": False,
             "beam_width": 4, "beam_length": 5})]
     args = [*spec_args, "--served-model-name", MODEL_NAME, "--dtype", "float32",
             "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "4",

@@ -35,7 +35,7 @@ SAMPLED_TOKENS = h.BEAM_LENGTH
 
 
 def _spec(drafter_dir):
-    return {"method": "redrafter", "model": str(drafter_dir),
+    return {"method": "redrafter", "model": str(drafter_dir), "adaptive": False,
             "beam_width": h.BEAM_WIDTH, "beam_length": h.BEAM_LENGTH}
 
 
@@ -175,7 +175,7 @@ def test_sampling_test_fails_without_the_cpu_expand_fix(assets, baseline,
 
 @pytest.fixture(scope="module")
 def target_head_run(assets, baseline):
-    spec = {"method": "redrafter", "model": str(assets["target_head_dir"]),
+    spec = {"method": "redrafter", "model": str(assets["target_head_dir"]), "adaptive": False,
             "beam_width": h.BEAM_WIDTH, "beam_length": h.BEAM_LENGTH}
     with h.vllm_engine(model=str(assets["target_dir"]), skip_tokenizer_init=True,
                        max_num_seqs=64, speculative_config=spec) as llm:

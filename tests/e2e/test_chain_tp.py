@@ -39,7 +39,7 @@ reference (all-gather + column select); the two paths must draft the same."""
 
 def _spec(assets, mode="chain"):
     drafter = assets["target_head_dir"] if mode == TARGET_HEAD else assets["overfit_dir"]
-    return {"method": "redrafter", "model": str(drafter),
+    return {"method": "redrafter", "model": str(drafter), "adaptive": False,
             "beam_width": h.BEAM_WIDTH, "beam_length": h.BEAM_LENGTH,
             "tree": mode == "tree"}
 

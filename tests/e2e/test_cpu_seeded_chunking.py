@@ -53,7 +53,7 @@ def test_plain_vllm_dies_on_seeded_chunked_prefill(assets):
 
 
 def test_redrafter_engine_samples_seeded_chunked_prompts(assets):
-    spec = {"method": "redrafter", "model": str(assets["overfit_dir"]),
+    spec = {"method": "redrafter", "model": str(assets["overfit_dir"]), "adaptive": False,
             "beam_width": h.BEAM_WIDTH, "beam_length": h.BEAM_LENGTH}
     with h.vllm_engine(model=str(assets["target_dir"]), skip_tokenizer_init=True,
                        speculative_config=spec, **CHUNK) as llm:

@@ -39,7 +39,7 @@ ABORTED = (1, 4, 7)
 def _spec(assets, name):
     if name == "plain":
         return None
-    return {"method": "redrafter", "model": str(assets["overfit_dir"]),
+    return {"method": "redrafter", "model": str(assets["overfit_dir"]), "adaptive": False,
             "beam_width": h.BEAM_WIDTH, "beam_length": h.BEAM_LENGTH, "tree": name == "tree"}
 
 

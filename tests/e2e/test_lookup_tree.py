@@ -56,7 +56,8 @@ def _engine(assets, baseline, lookup, **kwargs):
                             "num_speculative_tokens":
                                 tree_oracle.WIDTH * (tree_oracle.LENGTH - 1)},
         additional_config={"redrafter": {
-            "model": str(assets["random_dir"]), "beam_width": tree_oracle.WIDTH,
+            "model": str(assets["random_dir"]), "adaptive": False,
+            "beam_width": tree_oracle.WIDTH,
             "beam_length": tree_oracle.LENGTH, "tree": True, "lookup": lookup}},
         **kwargs)
 

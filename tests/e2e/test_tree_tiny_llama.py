@@ -48,7 +48,8 @@ def _oracle_engine(assets, baseline, tree=True, disable=None, **kwargs):
         speculative_config={"method": "custom_class", "model": tree_oracle.CLASS_PATH,
                             "num_speculative_tokens": num_tokens},
         additional_config={"redrafter": {
-            "model": str(assets["random_dir"]), "beam_width": tree_oracle.WIDTH,
+            "model": str(assets["random_dir"]), "adaptive": False,
+            "beam_width": tree_oracle.WIDTH,
             "beam_length": tree_oracle.LENGTH, "tree": tree}},
         **kwargs)
 

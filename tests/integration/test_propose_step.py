@@ -36,7 +36,7 @@ def _proposer(tree_mode: bool) -> ReDrafterProposer:
     proposer.drafter = RecurrentDrafter(config, generator=generator).eval()
     proposer.embed = nn.Embedding(VOCAB, HIDDEN)
     nn.init.normal_(proposer.embed.weight, generator=generator)
-    proposer.dtype = torch.float32
+    proposer.dtype = proposer.draft_dtype = torch.float32
     proposer.options = SimpleNamespace(beam_width=WIDTH, beam_length=LENGTH,
                                        draft_top_k=None, num_draft_tokens=LENGTH - 1)
     proposer.tree_mode = tree_mode

@@ -98,6 +98,7 @@ def test_consistent_num_speculative_tokens_is_accepted(drafter_dir):
     ({"lookup": True}, 'set "tree": true'),
     ({"tree": True, "lookup": {"rank": 9}}, "lookup.rank=9 must be <= beam_width"),
     ({"tree": True, "lookup": {"extra_nodes": 65}}, "extra_nodes"),
+    ({"draft_dtype": "fp8"}, "draft_dtype"),
 ])
 def test_invalid_settings_name_the_field(drafter_dir, extra, needle):
     with pytest.raises(ReDrafterConfigError) as info:
@@ -117,6 +118,19 @@ def test_target_mismatches_are_rejected(drafter_dir):
         _translate({"method": "redrafter", "model": str(drafter_dir)}, hidden=16)
     with pytest.raises(ReDrafterConfigError, match="vocab_size=20 but the target"):
         _translate({"method": "redrafter", "model": str(drafter_dir)}, vocab=32)
+
+
+def test_draft_dtype_is_validated(drafter_dir, tmp_path):
+    _, settings = _translate({"method": "redrafter", "model": str(drafter_dir),
+                              "draft_dtype": "bfloat16"})
+    assert settings.options.draft_dtype == "bfloat16"
+    config = DrafterConfig(hidden_size=HIDDEN, vocab_size=VOCAB, exit_dim=16,
+                           num_draft_layers=1, head="target")
+    target_head = save_drafter(RecurrentDrafter(config), tmp_path / "target-head")
+    with pytest.raises(ReDrafterConfigError, match="runs in the target's dtype"):
+        _translate({"method": "redrafter", "model": str(target_head),
+                    "draft_dtype": "bfloat16"})
+    _translate({"method": "redrafter", "model": str(target_head)})  # auto: accepted
 
 
 def test_missing_model_and_directory(tmp_path):

@@ -131,6 +131,10 @@ def test_verified_tokens_and_tree_config_names():
     assert (both["beam_width"], both["lookup"], both["adaptive"]) == (2, True, True)
     assert "redrafter+lookup" not in hybrid  # chain configs cannot take look-up
     assert hybrid["redrafter-tree@W1L5+lookup4"]["lookup"] == {"extra_nodes": 4}
+    dtypes = config_specs("d", 4, 5, names=["redrafter+auto+fp32draft", "redrafter+bf16draft"])
+    assert dtypes["redrafter+auto+fp32draft"] == {**dtypes["redrafter"], "adaptive": True,
+                                                  "draft_dtype": "float32"}
+    assert dtypes["redrafter+bf16draft"]["draft_dtype"] == "bfloat16"
 
 
 def test_policy_columns():

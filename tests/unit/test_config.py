@@ -79,8 +79,8 @@ def test_options_from_mapping():
         ReDrafterOptions.from_mapping({"beam_widht": 8, "zzz": 1, "beam_length": 3})
     message = str(info.value)
     assert "['beam_widht', 'zzz']" in message
-    assert ("['adaptive', 'beam_length', 'beam_width', 'draft_top_k', 'lookup', 'tree']"
-            in message)
+    assert ("['adaptive', 'beam_length', 'beam_width', 'draft_dtype', 'draft_top_k', 'lookup', "
+            "'tree']" in message)
     with pytest.raises(ValueError, match="beam_length"):
         ReDrafterOptions.from_mapping({"beam_length": 99})
 

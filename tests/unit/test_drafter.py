@@ -299,3 +299,19 @@ def test_dtype_follows_module():
     out = model.forward_train(hidden, embeds, 2)
     assert out.dtype == torch.bfloat16
     assert model.initial_state((2,)).dtype == torch.bfloat16
+
+
+def test_draft_dtype_resolution():
+    from vllm_redrafter.drafter import resolve_draft_dtype
+
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    assert resolve_draft_dtype("auto", f32, bf16, False) == bf16  # stored 16-bit: kept
+    assert resolve_draft_dtype("auto", f32, f32, False) == f32
+    assert resolve_draft_dtype("auto", bf16, f32, False) == bf16  # 16-bit target: its own
+    assert resolve_draft_dtype("auto", f16, bf16, False) == f16
+    assert resolve_draft_dtype("auto", f32, bf16, True) == f32  # target head: its dtype
+    assert resolve_draft_dtype("float32", bf16, bf16, False) == f32
+    with pytest.raises(ValueError, match="omit draft_dtype"):
+        resolve_draft_dtype("bfloat16", f32, bf16, True)
+    with pytest.raises(ValueError, match="draft_dtype must be"):
+        resolve_draft_dtype("fp8", f32, bf16, False)

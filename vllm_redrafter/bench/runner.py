@@ -75,11 +75,19 @@ true``: the defaults of :class:`~vllm_redrafter.config.LookupOptions`); ``+looku
 also gives them ``N`` extra tree nodes (``extra_nodes``)."""
 
 
+DRAFT_DTYPE_SUFFIXES = {"+bf16draft": "bfloat16", "+fp32draft": "float32"}
+"""Config-name suffixes pinning the drafter's dtype (``draft_dtype``; default ``auto``)."""
+
+
 def _split_suffix(name: str) -> tuple[str, str, Any] | None:
     """``"x+auto"`` -> ``("x", "adaptive", True)``; ``"x+lookup4"`` ->
-    ``("x", "lookup", {"extra_nodes": 4})``; None without a known suffix."""
+    ``("x", "lookup", {"extra_nodes": 4})``; ``"x+fp32draft"`` -> ``("x", "draft_dtype",
+    "float32")``; None without a known suffix."""
     if name.endswith(AUTO_SUFFIX):
         return name[: -len(AUTO_SUFFIX)], "adaptive", True
+    for suffix, dtype in DRAFT_DTYPE_SUFFIXES.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], "draft_dtype", dtype
     match = re.fullmatch(r"(.*)\+lookup(\d*)", name)
     if match is None:
         return None
@@ -90,8 +98,9 @@ def _split_suffix(name: str) -> tuple[str, str, Any] | None:
 def _named_spec(name: str, drafter: str, specs: dict[str, dict[str, Any] | None]
                 ) -> dict[str, Any] | None:
     """The spec a ``--configs`` name asks for: ``redrafter[-tree]@W<w>L<l>``, or any
-    ReDrafter name with ``+auto`` and/or ``+lookup[N]`` suffixes (e.g.
-    ``redrafter+auto``, ``redrafter-tree+lookup``, ``redrafter-tree@W1L5+lookup4+auto``)."""
+    ReDrafter name with ``+auto``, ``+lookup[N]`` and ``+fp32draft`` / ``+bf16draft``
+    suffixes (e.g. ``redrafter+auto``, ``redrafter-tree+lookup``,
+    ``redrafter-tree@W1L5+lookup4+auto``, ``redrafter+auto+fp32draft``)."""
     base, extra = name, {}
     while (split := _split_suffix(base)) is not None:
         base, key, value = split

@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     from vllm_redrafter.checkpoint import load_drafter
+    from vllm_redrafter.drafter import resolve_draft_dtype
     from vllm_redrafter.evaluate import (
         WalkStats,
         chain_and_tree,
@@ -113,7 +114,10 @@ def run(args: argparse.Namespace) -> int:
         target_dir = str(prepare_demo_target())
     dtype = getattr(torch, args.dtype)
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).eval()
-    drafter = load_drafter(args.drafter, dtype=dtype).eval()
+    drafter = load_drafter(args.drafter).eval()
+    # the dtype the engine drafts in (draft_dtype "auto")
+    drafter = drafter.to(resolve_draft_dtype("auto", dtype, next(drafter.parameters()).dtype,
+                                             drafter.config.uses_target_head))
     if drafter.config.uses_target_head:
         drafter.bind_target_head(target.get_output_embeddings().weight)
     categories = _categories(Path(args.questions))
