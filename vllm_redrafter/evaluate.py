@@ -180,7 +180,7 @@ def draft_response(
         return None
     hidden = target.model(input_ids=sequence[None]).last_hidden_state[0]  # [T, H]
     rows = torch.arange(start, end + 1)  # [S]
-    dtype = next(drafter.parameters()).dtype  # the drafter may run in 16 bits (draft_dtype)
+    dtype = drafter.dtype  # the drafter may run in 16 bits (draft_dtype)
     table = target.get_input_embeddings()
     beams = beam_search(drafter, lambda ids: table(ids).to(dtype), hidden[rows].to(dtype),
                         sequence[rows + 1], beam_width, beam_length,

@@ -5,8 +5,9 @@ tree mode with look-up, float32), beside the same load without speculation.
 ``REDRAFTER_LOAD_CLIENTS`` concurrent clients (16 in CI; the full-size run is 64, its
 figures in the README), all released at once, mixed lengths, some disconnecting
 mid-stream, some aborted. Afterwards each server still answers and has nothing running;
-no client got an error; every completed greedy stream equals the plain server's
-non-streamed output (nothing duplicated or dropped), every disconnected one is a prefix.
+no client got an error; every completed greedy stream equals the plain server's output
+for the same prompt, streamed alone after its load (nothing duplicated or dropped), and
+every disconnected one is a prefix of it.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ request on token-id prompts (``return_token_ids``, so every streamed token is se
 
 Afterwards the server must still answer (``/health``, one more completion) and have no
 request left running or waiting. :func:`check_streams` compares every completed stream
-with a reference (the same prompt's non-streamed greedy output on a plain server): equal
+with a reference (the same prompt's greedy output on the plain server, streamed with no
+other load): equal
 token ids (so nothing duplicated or dropped), the right length, and every disconnected
 stream a prefix of the reference.
 
@@ -254,7 +255,8 @@ def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
 
 def reference_outputs(base: str, model: str, prompts: Sequence[Sequence[int]],
                       max_tokens: int, timeout: float = 600) -> dict[int, list[int]]:
-    """Non-streamed greedy token ids of every prompt (one request each, concurrently)."""
+    """Greedy token ids of every prompt (one streamed request each, all at once, and
+    nothing else: the reference :func:`check_streams` compares a load's streams with)."""
     plan = [LoadRequest(k, k, tuple(p), max_tokens, COMPLETE) for k, p in enumerate(prompts)]
     results, _ = run_load(base, model, plan, timeout)
     bad = [r.error for r in results if r.status != "ok"]

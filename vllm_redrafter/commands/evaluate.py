@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).eval()
     drafter = load_drafter(args.drafter).eval()
     # the dtype the engine drafts in (draft_dtype "auto")
-    drafter = drafter.to(resolve_draft_dtype("auto", dtype, next(drafter.parameters()).dtype,
+    drafter = drafter.to(resolve_draft_dtype("auto", dtype, drafter.dtype,
                                              drafter.config.uses_target_head))
     if drafter.config.uses_target_head:
         drafter.bind_target_head(target.get_output_embeddings().weight)

@@ -5,7 +5,7 @@ with ReDrafter (see :mod:`vllm_redrafter.bench.load_test`).
 Two servers on 127.0.0.1, one after the other, with the same engine options: plain vLLM,
 then ReDrafter. Each gets ``--clients`` concurrent greedy requests at once (mixed
 lengths; some disconnect mid-stream, some are aborted). The plain server also answers
-every prompt once more, non-streamed: the reference. Printed and written to ``--out``
+every prompt once more after its load, with nothing else running: the reference. Printed and written to ``--out``
 (``load_test.json`` / ``.md``): requests/s, output tokens/s, p50/p99 latency, time to
 first token, counts by outcome, errors, streams that differ from the reference, and the
 servers' state afterwards. Exit status 1 when anything is wrong.
