@@ -62,6 +62,7 @@ from vllm_redrafter.lookup import (
 from vllm_redrafter.graphs import CudaGraphBackend, GraphedSearch, batch_buckets
 from vllm_redrafter.memory import beam_search_peak_bytes
 from vllm_redrafter.policy import DraftPolicy, TreeSizeTable
+from vllm_redrafter.quant import Int8Rows, int8_supported, quantize_drafter_linears
 from vllm_redrafter.scorers.chain import best_beam_drafts
 from vllm_redrafter.steps import DraftRequest, DraftStep, Proposal, StepCosts, TreeDraft
 from vllm_redrafter.tree import build_tree
@@ -202,6 +203,8 @@ class VocabParallelDraftHead(nn.Module):
         self.vocab_size = vocab_size
         self.tp_size = get_tensor_model_parallel_world_size()
         self.head = ParallelLMHead(vocab_size, exit_dim, bias=False, params_dtype=dtype)
+        self.int8: Int8Rows | None = None
+        """An int8 copy of the full head for small CPU products (``draft_int8``, TP = 1)."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -218,8 +221,18 @@ class VocabParallelDraftHead(nn.Module):
         if finalize is not None:
             finalize(self.head)
 
+    def enable_int8(self, weight: torch.Tensor) -> bool:
+        """Keep ``weight [Vd, E]`` (the full head) in int8 too, for the products it
+        applies to (:class:`~vllm_redrafter.quant.Int8Rows`); TP = 1 only."""
+        if self.tp_size != 1 or not int8_supported():
+            return False
+        self.int8 = Int8Rows(weight)
+        return True
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """``[*, E]`` features -> ``[*, Vd]`` full-vocabulary logits on every rank."""
+        if self.int8 is not None and self.int8.applies(z):
+            return self.int8(z)  # [*, Vd]
         local = _shard_logits(self.head, z)  # [N, Vd_padded / tp]
         logits = _full_logits(local, self.tp_size, self.vocab_size)  # [N, Vd]
         return logits.reshape(*z.shape[:-1], self.vocab_size)
@@ -544,6 +557,10 @@ class ReDrafterProposer:
             core.lm_head = head  # replaces the full projection; frees it on every rank
             core = core.to(device).eval().requires_grad_(False)
             head.load_full_weight(full_head.to(device))
+            if self.options.draft_int8:
+                head.enable_int8(full_head.to(device))
+        if self.options.draft_int8:
+            self._enable_int8(core, device)
 
         self.drafter, self.embed, self.device = core, embed, device
         self._rows = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
@@ -568,6 +585,19 @@ class ReDrafterProposer:
             core.config.head, self.options.beam_width, self.options.beam_length,
             self.options.draft_top_k, head.tp_size, "tree" if self.tree_mode else "chain",
             "CUDA graphs" if self._graphed is not None else "eager")
+
+    def _enable_int8(self, core: RecurrentDrafter, device: torch.device) -> None:
+        """``draft_int8``: int8 copies of the drafter's own linear layers (and of its
+        head, done by the caller); says when they cannot take effect."""
+        wrapped = quantize_drafter_linears(core)
+        if device.type != "cpu" or self.draft_dtype != torch.bfloat16:
+            logger.warning(
+                "draft_int8: the int8 products serve bfloat16 drafting on CPU; this drafter "
+                "runs in %s on %s, so they are never used (drop draft_int8, or serve "
+                "bfloat16 / use a drafter stored in bfloat16)", self.draft_dtype, device.type)
+        else:
+            logger.info("draft_int8: %d linear layers (and the head at TP 1) also kept in "
+                        "int8 for batch-1 drafting steps", wrapped)
 
     def profile_run(self, num_reqs: int) -> None:
         """The drafter's peak working memory, inside vLLM's memory profiling: one beam

@@ -174,8 +174,9 @@ class ReDrafterOptions(BaseModel):
             (Apple uses 50); ``None`` disables the mask.
         adaptive: load-aware drafting: each step drafts the chain length (or the tree,
             or nothing) expected to give the most tokens per second from measured target
-            and drafter costs and acceptance (:mod:`vllm_redrafter.policy`); False drafts
-            ``L - 1`` tokens (the whole tree) on every step.
+            and drafter costs and acceptance (:mod:`vllm_redrafter.policy`); the default,
+            so that turning ReDrafter on never makes a loaded server slower. False drafts
+            ``L - 1`` tokens (the whole tree) on every step (fixed speculation).
         lookup: context look-up branches joined with the beams in the tree
             (:class:`LookupOptions`; ``true`` for its defaults); None/``false`` = off.
             Needs ``tree``.
@@ -183,6 +184,10 @@ class ReDrafterOptions(BaseModel):
             float32 target runs a drafter stored in 16 bits in its stored dtype (drafts
             are proposals, verified exactly: upcasting gains nothing but costs time);
             drafters scoring with the target's head always run in the target's dtype.
+        draft_int8: also keep the drafter's own weights in int8 (one scale per row) and
+            use them for the small products of a batch-1 drafting step on CPU in
+            bfloat16 (:mod:`vllm_redrafter.quant`); drafts may differ slightly, outputs
+            never do (drafts are verified exactly). No effect on GPU or in float32.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -203,13 +208,16 @@ class ReDrafterOptions(BaseModel):
         default=None, description="Top-k mask on drafter logits (None = off), >= 1."
     )
     adaptive: bool = Field(
-        default=False, description="Load-aware drafting from measured costs."
+        default=True, description="Load-aware drafting from measured costs (false = fixed)."
     )
     lookup: LookupOptions | None = Field(
         default=None, description="Context look-up branches in the tree (needs tree)."
     )
     draft_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Drafter dtype (auto: see the class docstring)."
+    )
+    draft_int8: bool = Field(
+        default=False, description="Weight-only int8 drafting at batch 1 on CPU (bf16)."
     )
 
     @field_validator("lookup", mode="before")

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """A bounded load test against ``vllm serve`` with ReDrafter (demo target, shipped drafter,
-tree mode with look-up, float32), beside the same load without speculation.
+tree mode with look-up, float32, fixed drafting so that every step drafts under load),
+beside the same load without speculation.
 
 ``REDRAFTER_LOAD_CLIENTS`` concurrent clients (16 in CI; the full-size run is 64, its
 figures in the README), all released at once, mixed lengths, some disconnecting
@@ -30,7 +31,7 @@ def test_load_with_disconnects_and_aborts(demo_target_dir, tmp_path):
     cmd = [sys.executable, "-m", "vllm_redrafter.cli", "load-test",
            "--target", str(demo_target_dir), "--clients", str(CLIENTS),
            "--num-prompts", "8", "--lengths", "8,24,48", "--out", str(out),
-           "--spec", json.dumps({"tree": True, "lookup": True}),
+           "--spec", json.dumps({"tree": True, "lookup": True, "adaptive": False}),
            "--prompts", "tests/data/mt_bench_first_turns.jsonl"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

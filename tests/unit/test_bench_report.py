@@ -121,7 +121,10 @@ def test_verified_tokens_and_tree_config_names():
     assert auto["redrafter+auto"] == {**auto["redrafter"], "adaptive": True}
     assert auto["redrafter-tree@W2L4+auto"]["beam_width"] == 2
     assert auto["redrafter-tree@W2L4+auto"]["adaptive"] is True
-    assert "ngram+auto" not in auto and "adaptive" not in auto["redrafter"]
+    assert "ngram+auto" not in auto
+    # plain names are fixed drafting whatever the option's default (load-aware)
+    assert auto["redrafter"]["adaptive"] is False
+    assert auto["redrafter-tree"]["adaptive"] is False
     hybrid = config_specs("d", 4, 5, names=["redrafter-tree+lookup",
                                              "redrafter-tree@W2L5+lookup+auto",
                                              "redrafter+lookup",
@@ -135,6 +138,10 @@ def test_verified_tokens_and_tree_config_names():
     assert dtypes["redrafter+auto+fp32draft"] == {**dtypes["redrafter"], "adaptive": True,
                                                   "draft_dtype": "float32"}
     assert dtypes["redrafter+bf16draft"]["draft_dtype"] == "bfloat16"
+    int8 = config_specs("d", 4, 5, names=["redrafter+auto+int8", "redrafter-tree+int8"])
+    assert int8["redrafter+auto+int8"] == {**int8["redrafter"], "adaptive": True,
+                                           "draft_int8": True}
+    assert int8["redrafter-tree+int8"]["draft_int8"] is True
 
 
 def test_policy_columns():

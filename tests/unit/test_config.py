@@ -32,6 +32,8 @@ def test_options_defaults_and_num_draft_tokens():
         None,
     )
     assert opts.num_draft_tokens == 3
+    assert opts.adaptive is True  # load-aware by default: never slower under load
+    assert ReDrafterOptions(adaptive=False).adaptive is False
     assert ReDrafterOptions(beam_length=16).num_draft_tokens == 15
 
 
@@ -79,8 +81,8 @@ def test_options_from_mapping():
         ReDrafterOptions.from_mapping({"beam_widht": 8, "zzz": 1, "beam_length": 3})
     message = str(info.value)
     assert "['beam_widht', 'zzz']" in message
-    assert ("['adaptive', 'beam_length', 'beam_width', 'draft_dtype', 'draft_top_k', 'lookup', "
-            "'tree']" in message)
+    assert ("['adaptive', 'beam_length', 'beam_width', 'draft_dtype', 'draft_int8', "
+            "'draft_top_k', 'lookup', 'tree']" in message)
     with pytest.raises(ValueError, match="beam_length"):
         ReDrafterOptions.from_mapping({"beam_length": 99})
 

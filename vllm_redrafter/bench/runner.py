@@ -79,12 +79,19 @@ DRAFT_DTYPE_SUFFIXES = {"+bf16draft": "bfloat16", "+fp32draft": "float32"}
 """Config-name suffixes pinning the drafter's dtype (``draft_dtype``; default ``auto``)."""
 
 
+INT8_SUFFIX = "+int8"
+"""Config-name suffix turning on int8 drafting weights (``"draft_int8": true``)."""
+
+
 def _split_suffix(name: str) -> tuple[str, str, Any] | None:
     """``"x+auto"`` -> ``("x", "adaptive", True)``; ``"x+lookup4"`` ->
     ``("x", "lookup", {"extra_nodes": 4})``; ``"x+fp32draft"`` -> ``("x", "draft_dtype",
-    "float32")``; None without a known suffix."""
+    "float32")``; ``"x+int8"`` -> ``("x", "draft_int8", True)``; None without a known
+    suffix."""
     if name.endswith(AUTO_SUFFIX):
         return name[: -len(AUTO_SUFFIX)], "adaptive", True
+    if name.endswith(INT8_SUFFIX):
+        return name[: -len(INT8_SUFFIX)], "draft_int8", True
     for suffix, dtype in DRAFT_DTYPE_SUFFIXES.items():
         if name.endswith(suffix):
             return name[: -len(suffix)], "draft_dtype", dtype
@@ -98,8 +105,8 @@ def _split_suffix(name: str) -> tuple[str, str, Any] | None:
 def _named_spec(name: str, drafter: str, specs: dict[str, dict[str, Any] | None]
                 ) -> dict[str, Any] | None:
     """The spec a ``--configs`` name asks for: ``redrafter[-tree]@W<w>L<l>``, or any
-    ReDrafter name with ``+auto``, ``+lookup[N]`` and ``+fp32draft`` / ``+bf16draft``
-    suffixes (e.g. ``redrafter+auto``, ``redrafter-tree+lookup``,
+    ReDrafter name with ``+auto``, ``+lookup[N]``, ``+int8`` and ``+fp32draft`` /
+    ``+bf16draft`` suffixes (e.g. ``redrafter+auto``, ``redrafter-tree+lookup``,
     ``redrafter-tree@W1L5+lookup4+auto``, ``redrafter+auto+fp32draft``)."""
     base, extra = name, {}
     while (split := _split_suffix(base)) is not None:
@@ -120,8 +127,10 @@ def _named_spec(name: str, drafter: str, specs: dict[str, dict[str, Any] | None]
 
 
 def _redrafter_spec(drafter: str, width: int, length: int, tree: bool) -> dict[str, Any]:
+    """A bench config: fixed drafting (``"adaptive": false``, whatever the default) so
+    that a name means the same settings in every report; ``+auto`` turns the policy on."""
     return {"method": "redrafter", "model": str(drafter), "beam_width": width,
-            "beam_length": length, "tree": tree}
+            "beam_length": length, "tree": tree, "adaptive": False}
 
 
 def parse_redrafter_name(name: str) -> tuple[bool, int, int] | None:

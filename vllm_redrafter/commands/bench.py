@@ -49,10 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="configurations to run (default none,ngram,redrafter,"
                              "redrafter-tree); redrafter = chain verification of the best "
                              "beam, redrafter-tree = the deduplicated tree of all beams; "
-                             "redrafter[-tree]@W<w>L<l> sets the beams of one config; a +auto "
-                             "suffix (redrafter+auto) turns load-aware drafting on; +lookup "
+                             "redrafter[-tree]@W<w>L<l> sets the beams of one config; plain "
+                             "names draft fixed lengths, a +auto suffix (redrafter+auto) "
+                             "turns load-aware drafting on (the option's default); +lookup "
                              "adds context look-up branches to a tree config, +lookup<N> "
-                             "with N extra tree nodes (redrafter-tree@W1L5+lookup4)")
+                             "with N extra tree nodes (redrafter-tree@W1L5+lookup4); +int8 "
+                             "int8 drafting weights; +fp32draft / +bf16draft the drafter's "
+                             "dtype")
     parser.add_argument("--beam-width", type=int, default=None,
                         help="ReDrafter beam width (default: the checkpoint's)")
     parser.add_argument("--beam-length", type=int, default=None,

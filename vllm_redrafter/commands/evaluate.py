@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'default' or comma-separated key=value of the lookup option "
                              "(max_candidates, min_match, max_match, rank, extra_nodes), e.g. "
                              "'rank=0,max_candidates=4'; repeat to compare several")
+    parser.add_argument("--draft-int8", action="store_true",
+                        help="draft with the int8 weights of the draft_int8 option (every "
+                             "product, as a batch-1 engine step on CPU in bfloat16 does)")
     parser.add_argument("--out", default=None, help="write the report JSON here")
 
 
@@ -120,6 +123,11 @@ def run(args: argparse.Namespace) -> int:
                                              drafter.config.uses_target_head))
     if drafter.config.uses_target_head:
         drafter.bind_target_head(target.get_output_embeddings().weight)
+    if args.draft_int8:
+        from vllm_redrafter.quant import quantize_drafter_linears
+
+        # every product in int8 (here all rows of a response are drafted at once)
+        quantize_drafter_linears(drafter, max_rows=sys.maxsize)
     categories = _categories(Path(args.questions))
     from vllm_redrafter.training.data import iter_generations
 
@@ -170,5 +178,6 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(
             {"data": str(data), "drafter": args.drafter, "beam_width": args.beam_width,
              "beam_length": args.beam_length, "max_tokens": args.max_tokens,
-             "dtype": args.dtype, "node_budget": budget, "rows": rows}, indent=1))
+             "dtype": args.dtype, "draft_int8": args.draft_int8, "node_budget": budget,
+             "rows": rows}, indent=1))
     return 0

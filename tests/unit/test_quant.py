@@ -1,0 +1,79 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Weight-only int8 drafting (``draft_int8``, :mod:`vllm_redrafter.quant`)."""
+
+import pytest
+import torch
+from torch import nn
+
+from vllm_redrafter.beam_search import beam_search
+from vllm_redrafter.config import DrafterConfig
+from vllm_redrafter.drafter import RecurrentDrafter
+from vllm_redrafter.quant import (
+    Int8Rows,
+    Int8RowsLinear,
+    int8_calls,
+    int8_supported,
+    quantize_drafter_linears,
+    quantize_rows,
+)
+
+pytestmark = pytest.mark.skipif(not int8_supported(), reason="no torch._weight_int8pack_mm")
+
+
+def test_quantize_rows_literal():
+    """The module docstring's example."""
+    weight = torch.tensor([[0.5, -1.0, 0.25, 0.0], [2.0, 0.0, 0.0, -2.0]])
+    q, scale = quantize_rows(weight)
+    assert q.dtype == torch.int8
+    assert q.tolist() == [[64, -127, 32, 0], [127, 0, 0, -127]]
+    assert torch.allclose(scale, torch.tensor([1 / 127, 2 / 127]))
+    assert torch.allclose(q.float() * scale[:, None], weight, atol=0.5 / 127 * 2)
+
+
+def test_int8_rows_close_to_bf16_product_and_used_only_where_it_applies():
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(64, 96, bias=True).to(torch.bfloat16)
+    wrapped = Int8RowsLinear(linear, max_rows=4)
+    x = torch.randn(2, 2, 64, generator=gen).to(torch.bfloat16)  # 4 rows: int8
+    ref = linear(x).float()
+    out = wrapped(x)
+    assert out.shape == (2, 2, 96) and out.dtype == torch.bfloat16
+    assert wrapped.int8.calls == 1
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    assert not torch.equal(out, linear(x))  # the int8 weights were really used
+    # 5 rows, float32 input: the original layer, bit for bit
+    big = torch.randn(5, 64, generator=gen).to(torch.bfloat16)
+    assert torch.equal(wrapped(big), linear(big))
+    assert wrapped.int8.calls == 1
+    small32 = torch.randn(1, 64, generator=gen)  # float32 layer and input: never int8
+    linear32 = nn.Linear(64, 8)
+    wrapped32 = Int8RowsLinear(linear32)
+    assert torch.equal(wrapped32(small32), linear32(small32))
+    assert wrapped32.int8.calls == 0 and not Int8Rows(torch.zeros(8, 64)).applies(small32)
+
+
+def _drafter() -> RecurrentDrafter:
+    cfg = DrafterConfig(hidden_size=32, vocab_size=300, exit_dim=64, num_draft_layers=2,
+                        rnn=True)
+    torch.manual_seed(0)
+    drafter = RecurrentDrafter(cfg)
+    drafter.init_weights(torch.Generator().manual_seed(1))
+    return drafter.to(torch.bfloat16).eval()
+
+
+def test_quantized_drafter_drafts_like_the_original_at_batch_one():
+    drafter = _drafter()
+    embed = nn.Embedding(300, 32).to(torch.bfloat16)
+    hidden = torch.randn(1, 32).to(torch.bfloat16)  # [B=1, H]
+    init = torch.tensor([7])
+    with torch.inference_mode():
+        ref = beam_search(drafter, embed, hidden, init, 2, 4)
+    wrapped = quantize_drafter_linears(drafter)
+    assert wrapped == len([m for m in drafter.modules() if isinstance(m, Int8RowsLinear)])
+    assert wrapped >= 4  # ResBlocks, RNN, head
+    with torch.inference_mode():
+        out = beam_search(drafter, embed, hidden, init, 2, 4)
+    assert int8_calls(drafter) > 0
+    # near-identical weights: the best beam's first drafted token agrees
+    assert out.tokens[0, 0, 1] == ref.tokens[0, 0, 1]
+    assert quantize_drafter_linears(drafter) == 0  # already wrapped: idempotent
