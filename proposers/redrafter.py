@@ -53,11 +53,13 @@ from vllm_redrafter.drafter import RecurrentDrafter, resolve_draft_dtype
 from vllm_redrafter.integration import compat, hooks, patches, spec_config, tree_hooks
 from vllm_redrafter.logger import get_logger
 from vllm_redrafter.lookup import (
+    Candidate,
     ContextIndex,
     SourceCounts,
     fill_order,
     merge_branches,
     path_sources,
+    trusted,
 )
 from vllm_redrafter.graphs import CudaGraphBackend, GraphedSearch, batch_buckets
 from vllm_redrafter.memory import beam_search_peak_bytes
@@ -512,6 +514,8 @@ class ReDrafterProposer:
         device-to-host copy of the drafts synchronises, so this covers device work)."""
         self.num_proposals = 0
         """Requests drafted so far on this rank."""
+        self.beam_searches_skipped = 0
+        """Drafting steps whose beam search was skipped for trusted look-up branches."""
 
     # ------------------------------------------------------------------ loading
 
@@ -701,6 +705,26 @@ class ReDrafterProposer:
             self.draft_seconds += time.perf_counter() - start
             return Proposal()
         self._step_beam_length = length + 1
+        found = self._find_lookups(step, length)  # {row: candidates}, look-up mode
+        searched = not self._beams_not_needed(step, found, length)
+        if searched:
+            proposal = self._proposal(step, self._beams(step, sample_hidden_states), found)
+        else:
+            proposal = self._lookup_only_proposal(step, found)
+            self.beam_searches_skipped += 1
+        if proposal.trees and self.policy.tree is not None:
+            sizes = [tree.num_nodes - 1 for tree in proposal.trees.values()]
+            self.policy.tree.observe(length, sum(sizes) / len(sizes))
+        elapsed = time.perf_counter() - start
+        if searched:  # D(B, k) stays the beam search's cost (a skip is not a sample)
+            self.policy.draft.observe(len(step.requests), length, elapsed)
+        self.draft_seconds += elapsed
+        self.num_proposals += len(step.requests)
+        return proposal
+
+    def _beams(self, step: DraftStep, sample_hidden_states: torch.Tensor) -> torch.Tensor:
+        """The step's beams on the host, ``[B, W, L]`` (one device-to-host copy); raises
+        ``FloatingPointError`` on a non-finite drafter input (the fault fallback)."""
         rows = self._to_device(step.rows, self._rows_cpu, self._rows)  # [B]
         hidden = sample_hidden_states.index_select(0, rows)  # [B, H]
         beams = self._draft_beams(step, hidden)  # [B, W, L] on the device
@@ -709,16 +733,7 @@ class ReDrafterProposer:
         host = self._copy_to_host(packed)  # [B, W*L + 1]
         if not bool(host[:, -1].all()):
             raise FloatingPointError("non-finite target hidden state in the drafter's input")
-        beams = host[:, :-1].reshape(beams.shape)  # [B, W, L]
-        proposal = self._proposal(step, beams)
-        if proposal.trees and self.policy.tree is not None:
-            sizes = [tree.num_nodes - 1 for tree in proposal.trees.values()]
-            self.policy.tree.observe(length, sum(sizes) / len(sizes))
-        elapsed = time.perf_counter() - start
-        self.policy.draft.observe(len(step.requests), length, elapsed)
-        self.draft_seconds += elapsed
-        self.num_proposals += len(step.requests)
-        return proposal
+        return host[:, :-1].reshape(beams.shape)  # [B, W, L]
 
     def _observe(self, costs: StepCosts | None) -> None:
         """Feed the finished step's measured cost and acceptance to the policy."""
@@ -763,6 +778,7 @@ class ReDrafterProposer:
         if self.lookup is not None:
             counters.update({f"accepted_{k}": float(v)
                              for k, v in self.accepted_sources.as_dict().items()})
+            counters["beams_skipped"] = float(self.beam_searches_skipped)
         return counters
 
     def _copy_to_host(self, packed: torch.Tensor) -> torch.Tensor:
@@ -778,8 +794,47 @@ class ReDrafterProposer:
             torch.cuda.current_stream().synchronize()
         return out
 
-    def _proposal(self, step: DraftStep, beams: torch.Tensor) -> Proposal:
-        """Chains (best beam) and trees (all beams, deduplicated) from ``[B, W, L]``."""
+    def _find_lookups(self, step: DraftStep, depth: int) -> dict[int, list[Candidate]]:
+        """Look-up continuations (up to ``depth`` tokens) of every request a tree serves,
+        by its index in ``step.requests``; empty without look-up. The per-request indices
+        are brought up to date; requests not drafted this step lose theirs."""
+        if self.lookup is None:
+            return {}
+        indices: dict[str, ContextIndex] = {}
+        found = {i: self._lookup_candidates(req, depth, indices)
+                 for i, req in enumerate(step.requests) if req.tree_ok}
+        self._indices = indices
+        return found
+
+    def _beams_not_needed(self, step: DraftStep, found: dict[int, list[Candidate]],
+                          depth: int) -> bool:
+        """Whether every request of the step has a trusted look-up continuation
+        (``lookup.skip_beams_match``), so that the beam search can be skipped."""
+        skip = self.lookup.skip_beams_match if self.lookup is not None else None
+        return (skip is not None and len(found) == len(step.requests)
+                and all(trusted(found[i], skip, depth) for i in found))
+
+    def _lookup_only_proposal(self, step: DraftStep,
+                              found: dict[int, list[Candidate]]) -> Proposal:
+        """Trees of the look-up branches alone (the beam search was skipped)."""
+        proposal = Proposal()
+        for i, req in enumerate(step.requests):
+            self._add_merged_tree(proposal, req, fill_order([], found[i], 0))
+        return proposal
+
+    def _add_merged_tree(self, proposal: Proposal, req: DraftRequest,
+                         branches: list) -> None:
+        """Merge ``branches`` below the request's init token (node budget
+        ``num_speculative_tokens``) into its tree, remembering each node's source."""
+        tree, sources = merge_branches(req.init_token, branches, self.num_speculative_tokens)
+        proposal.trees[req.req_id] = tree
+        proposal.drafts[req.req_id] = tree.drafts
+        self._proposed[req.req_id] = (tree, sources)
+
+    def _proposal(self, step: DraftStep, beams: torch.Tensor,
+                  found: dict[int, list[Candidate]] | None = None) -> Proposal:
+        """Chains (best beam) and trees (all beams, deduplicated; with look-up, merged
+        with ``found``'s branches) from ``[B, W, L]``."""
         proposal = Proposal()
         cap = self.num_speculative_tokens
         tree_rows = [i for i, req in enumerate(step.requests) if self.tree_mode and req.tree_ok]
@@ -789,7 +844,7 @@ class ReDrafterProposer:
         if not tree_rows:
             return proposal
         if self.lookup is not None:
-            self._merge_lookups(step, beams, tree_rows, proposal)
+            self._merge_lookups(step, beams, tree_rows, proposal, found or {})
             return proposal
         packed = build_tree(beams[tree_rows])
         num_nodes = packed.num_nodes.tolist()
@@ -804,23 +859,15 @@ class ReDrafterProposer:
         return proposal
 
     def _merge_lookups(self, step: DraftStep, beams: torch.Tensor, tree_rows: list[int],
-                       proposal: Proposal) -> None:
+                       proposal: Proposal, found: dict[int, list[Candidate]]) -> None:
         """Trees of the beams joined with each request's context look-up branches
         (:mod:`vllm_redrafter.lookup`), under the tree's node budget."""
         assert self.lookup is not None
-        cap = self.num_speculative_tokens
-        depth = beams.shape[2] - 1
-        indices: dict[str, ContextIndex] = {}
         host = beams.tolist()  # [B][W][L]
         for i in tree_rows:
-            req = step.requests[i]
-            found = self._lookup_candidates(req, depth, indices)
-            branches = fill_order([beam[1:] for beam in host[i]], found, self.lookup.rank)
-            tree, sources = merge_branches(req.init_token, branches, cap)
-            proposal.trees[req.req_id] = tree
-            proposal.drafts[req.req_id] = tree.drafts
-            self._proposed[req.req_id] = (tree, sources)
-        self._indices = indices  # requests not drafted this step are dropped
+            branches = fill_order([beam[1:] for beam in host[i]], found.get(i, []),
+                                  self.lookup.rank)
+            self._add_merged_tree(proposal, step.requests[i], branches)
 
     def _lookup_candidates(self, req: DraftRequest, depth: int,
                            indices: dict[str, ContextIndex]) -> list:

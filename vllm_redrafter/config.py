@@ -140,6 +140,11 @@ class LookupOptions(BaseModel):
             branches (0 = look-up first; ``beam_width`` = look-up last).
         extra_nodes: drafted nodes added to the tree's budget ``W * (L - 1)`` for the
             look-up branches (0..64); 0 keeps the drafter-only tree's budget.
+        skip_beams_match: when a request's best look-up continuation follows a match of
+            at least this many tokens and reaches the tree's depth, it is trusted: if
+            every request of the step has one, the drafter's beam search is skipped and
+            the trees hold the look-up branches alone (``min_match``..``max_match``);
+            None always runs the beam search.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -152,6 +157,8 @@ class LookupOptions(BaseModel):
                       description="Beams placed before the look-up branches.")
     extra_nodes: int = Field(default=0, ge=0, le=64,
                              description="Nodes added to the tree budget W*(L-1).")
+    skip_beams_match: int | None = Field(
+        default=None, description="Match length that skips the beam search (None = never).")
 
     @model_validator(mode="after")
     def _check_match_range(self) -> LookupOptions:
@@ -159,6 +166,11 @@ class LookupOptions(BaseModel):
             raise ValueError(
                 f"lookup.max_match={self.max_match} must be >= lookup.min_match="
                 f"{self.min_match}")
+        skip = self.skip_beams_match
+        if skip is not None and not self.min_match <= skip <= self.max_match:
+            raise ValueError(
+                f"lookup.skip_beams_match={skip} must be in [min_match={self.min_match}, "
+                f"max_match={self.max_match}] (longer matches are never found), or null")
         return self
 
 

@@ -41,6 +41,7 @@ from vllm_redrafter.lookup import (
     fill_order,
     merge_branches,
     path_sources,
+    trusted,
 )
 from vllm_redrafter.steps import TreeDraft
 
@@ -54,12 +55,15 @@ class WalkStats:
         accepted: drafted tokens accepted.
         per_depth: ``per_depth[d - 1]`` = steps that accepted ``>= d`` drafts.
         nodes: drafted tree nodes summed over steps (look-up walks only; 0 otherwise).
+        skipped: steps whose beams were left out because a look-up continuation was
+            trusted (``skip_beams_match``; look-up walks only).
     """
 
     steps: int = 0
     accepted: int = 0
     per_depth: list[int] = field(default_factory=list)
     nodes: int = 0
+    skipped: int = 0
 
     def add(self, k: int, depth: int) -> None:
         """Record one step that accepted ``k`` of ``depth`` drafted tokens."""
@@ -79,6 +83,7 @@ class WalkStats:
         self.steps += other.steps
         self.accepted += other.accepted
         self.nodes += other.nodes
+        self.skipped += other.skipped
 
     @property
     def tau(self) -> float | None:
@@ -204,8 +209,10 @@ def lookup_walk(drafted: DraftedResponse, options: LookupOptions, budget: int
     At context row ``p`` the committed tokens are ``sequence[: p + 2]`` (the init token
     ``sequence[p + 1]`` last); the tree is :func:`~vllm_redrafter.lookup.merge_branches`
     of the beams and the look-up candidates in :func:`~vllm_redrafter.lookup.fill_order`
-    under ``budget`` drafted nodes, exactly as the proposer builds it; greedy acceptance
-    descends the tree along the response's next tokens.
+    under ``budget`` drafted nodes, exactly as the proposer builds it (the look-up
+    branches alone where one is :func:`~vllm_redrafter.lookup.trusted`, as the proposer
+    does at batch 1); greedy acceptance descends the tree along the response's next
+    tokens.
 
     Returns:
         ``(stats, accepted tokens by source)``.
@@ -219,7 +226,11 @@ def lookup_walk(drafted: DraftedResponse, options: LookupOptions, budget: int
     while p <= drafted.end:
         index.sync(sequence[: p + 2])
         found = index.candidates(options.max_candidates, depth)
-        branches = fill_order(beams[p - drafted.start], found, options.rank)
+        if trusted(found, options.skip_beams_match, depth):  # the engine skips the search
+            branches = fill_order([], found, 0)
+            stats.skipped += 1
+        else:
+            branches = fill_order(beams[p - drafted.start], found, options.rank)
         tree, bits = merge_branches(sequence[p + 1], branches, budget)
         node = _descend(tree, sequence[p + 2 : p + 2 + depth])
         accepted = path_sources(tree, bits, node)

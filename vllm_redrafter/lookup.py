@@ -13,6 +13,8 @@ prefix tree under one node budget.
   token), never rescans the history.
 - :meth:`ContextIndex.candidates`: continuations after earlier occurrences of the
   newest tokens, longest match first, most recent occurrence first, distinct.
+- :func:`trusted`: whether the best continuation is trusted enough that the drafter's
+  beam search can be skipped (option ``skip_beams_match``).
 - :func:`fill_order` and :func:`merge_branches`: the explicit policy that picks which
   branches fill the node budget (beams ``0 .. rank-1``, then the look-up branches, then
   the remaining beams; every branch adds its new nodes until the budget is full) and the
@@ -134,6 +136,17 @@ class ContextIndex:
                 if len(found) == max_candidates:
                     return found
         return found
+
+
+def trusted(found: Sequence[Candidate], skip_match: int | None, depth: int) -> bool:
+    """Whether the best look-up continuation may stand in for the drafter's beams: it
+    follows a match of at least ``skip_match`` tokens and is ``depth`` tokens long.
+
+    Example: ``[Candidate((7, 5, 6), 3)]`` with ``skip_match = 3``, ``depth = 3`` -> True;
+    with ``depth = 4`` (too short) or ``skip_match = 4`` (match too short) -> False.
+    """
+    return (skip_match is not None and len(found) > 0 and found[0].match >= skip_match
+            and len(found[0].tokens) >= depth)
 
 
 @dataclass(frozen=True, slots=True)

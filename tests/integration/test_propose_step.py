@@ -107,3 +107,46 @@ def test_a_non_finite_context_row_is_refused_but_other_rows_are_not_read(hidden)
     hidden[ROWS["a"], 0] = 0.0
     hidden[0, 0] = float("inf")  # row 0 belongs to no drafted request
     assert proposer.propose_step(_step(), hidden).drafts["a"]
+
+
+def _lookup_proposer(skip: int | None) -> ReDrafterProposer:
+    from vllm_redrafter.config import LookupOptions
+    from vllm_redrafter.lookup import SourceCounts
+
+    proposer = _proposer(tree_mode=True)
+    proposer.lookup = LookupOptions(max_match=3, skip_beams_match=skip)
+    proposer._indices, proposer._proposed = {}, {}
+    proposer.accepted_sources, proposer.beam_searches_skipped = SourceCounts(), 0
+    return proposer
+
+
+def _repeating_step(tail_a: list[int]) -> DraftStep:
+    """Request ``a``'s history repeats ``5 6 7 8 9 10`` and ends with ``tail_a``; request
+    ``c``'s history repeats ``2 3 4 5 6 7`` and ends with ``2 3 4`` (a 3-token match)."""
+    hist_a = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10] + tail_a
+    hist_c = [2, 3, 4, 5, 6, 7, 2, 3, 4]
+    return DraftStep(num_reqs=3, num_rows=6, requests=[
+        DraftRequest("a", 0, ROWS["a"], hist_a[-1], True, history=hist_a),
+        DraftRequest("c", 2, ROWS["c"], hist_c[-1], True, history=hist_c)])
+
+
+def test_trusted_lookups_skip_the_beam_search(hidden):
+    proposer = _lookup_proposer(skip=3)
+    searched = []
+    original = proposer._draft_beams
+    proposer._draft_beams = lambda step, h: searched.append(1) or original(step, h)
+    # both requests end with a 3-token match continued for the whole depth (3)
+    proposal = proposer.propose_step(_repeating_step([5, 6, 7]), hidden)
+    assert searched == [] and proposer.beam_searches_skipped == 1
+    assert proposal.drafts["a"] == [8, 9, 10] and proposal.drafts["c"] == [5, 6, 7]
+    assert proposer.policy_stats()["beams_skipped"] == 1.0
+    # one request without a trusted match (a 1-token match only): the beams are drafted
+    proposal = proposer.propose_step(_repeating_step([7, 1, 10]), hidden)
+    assert searched == [1] and proposer.beam_searches_skipped == 1
+    assert len(proposal.drafts["a"]) > 3  # beams joined the tree
+    # negative control: without skip_beams_match the beams are always drafted
+    plain = _lookup_proposer(skip=None)
+    plain._draft_beams = lambda step, h: searched.append(2) or original(step, h)
+    proposal = plain.propose_step(_repeating_step([5, 6, 7]), hidden)
+    assert searched == [1, 2] and plain.beam_searches_skipped == 0
+    assert len(proposal.drafts["a"]) > 3  # beams joined the tree

@@ -85,7 +85,8 @@ STABLE_KEYS = {
     "mean_acceptance_length", "acceptance_per_depth", "draft_acceptance_rate",
     "mean_verified_tokens", "num_drafts",
     "num_draft_tokens", "num_accepted_tokens", "draft_time_share", "identical_to_baseline",
-    "compared_to_baseline", "no_draft_share", "mean_draft_length", "accepted_sources"}
+    "compared_to_baseline", "no_draft_share", "mean_draft_length", "accepted_sources",
+    "beams_skipped_share"}
 
 
 def test_report_schema_and_files(tmp_path):
@@ -142,6 +143,12 @@ def test_verified_tokens_and_tree_config_names():
     assert int8["redrafter+auto+int8"] == {**int8["redrafter"], "adaptive": True,
                                            "draft_int8": True}
     assert int8["redrafter-tree+int8"]["draft_int8"] is True
+    skip = config_specs("d", 4, 5, names=["redrafter-tree+lookup4+skip3+auto",
+                                           "redrafter-tree+lookup+skip2", "redrafter-tree+skip3"])
+    assert skip["redrafter-tree+lookup4+skip3+auto"]["lookup"] == {"extra_nodes": 4,
+                                                                  "skip_beams_match": 3}
+    assert skip["redrafter-tree+lookup+skip2"]["lookup"] == {"skip_beams_match": 2}
+    assert "redrafter-tree+skip3" not in skip  # +skip<N> needs +lookup
 
 
 def test_policy_columns():

@@ -22,6 +22,7 @@ from vllm_redrafter.lookup import (
     fill_order,
     merge_branches,
     path_sources,
+    trusted,
 )
 from vllm_redrafter.tree import build_tree
 
@@ -203,3 +204,40 @@ def test_evaluate_lookup_spec_refused():
         parse_lookup_spec("rank")
     with pytest.raises(ValueError, match="max_match"):
         parse_lookup_spec("min_match=5,max_match=2")
+
+
+def test_trusted_docstring_example():
+    found = [Candidate((7, 5, 6), 3)]
+    assert trusted(found, 3, 3)
+    assert not trusted(found, 3, 4)  # shorter than the tree's depth
+    assert not trusted(found, 4, 3)  # match too short
+    assert not trusted(found, None, 3) and not trusted([], 1, 1)
+
+
+def test_skip_beams_match_range_is_validated():
+    assert LookupOptions(min_match=2, max_match=4, skip_beams_match=3).skip_beams_match == 3
+    with pytest.raises(ValueError, match="skip_beams_match=5 must be in"):
+        LookupOptions(max_match=4, skip_beams_match=5)
+    with pytest.raises(ValueError, match="skip_beams_match=1 must be in"):
+        LookupOptions(min_match=2, max_match=4, skip_beams_match=1)
+
+
+def test_lookup_walk_skips_beams_only_where_the_lookup_is_trusted():
+    # the answer repeats the prompt's "1 2 3" but goes on differently ("9 ..."): after
+    # "1 2 3" the 3-token match is trusted and its continuation "4 5 6" is wrong
+    sequence = [1, 2, 3, 4, 5, 6, 7, 8, 8, 1, 2, 3, 9, 9, 9, 9, 9, 9, 9]
+
+    def right(p, seq):  # W=2 beams of L=4: the first always right (padded past the end)
+        nxt = (seq[p + 1 : p + 5] + [0] * 4)[:4]
+        return [nxt, [nxt[0], 99, 99, 99]]
+
+    drafted = _drafted(sequence, 7, right)
+    _, tree = chain_and_tree(drafted)
+    stats, sources = lookup_walk(drafted, LookupOptions(max_match=3, skip_beams_match=3),
+                                 budget=6)
+    assert stats.skipped == 1 and stats.steps > 1  # only the step after "1 2 3"
+    assert stats.tau < tree.tau  # that step accepted nothing: "4 5 6" was wrong
+    # negative control: without the option every step keeps the beams
+    kept, _ = lookup_walk(drafted, LookupOptions(max_match=3), budget=6)
+    assert kept.skipped == 0 and kept.tau == tree.tau
+    assert kept.nodes / kept.steps > stats.nodes / stats.steps  # the skipped step is small

@@ -130,6 +130,16 @@ class CellResult:
         return None if steps <= 0 else self.policy["length_sum"] / steps
 
     @property
+    def beams_skipped_share(self) -> float | None:
+        """Share of the proposer's steps that skipped the beam search for trusted look-up
+        branches (``skip_beams_match``); None without look-up."""
+        policy = self.policy or {}
+        steps = policy.get("steps", 0.0)
+        if "beams_skipped" not in policy or steps <= 0:
+            return None
+        return policy["beams_skipped"] / steps
+
+    @property
     def accepted_sources(self) -> dict[str, int] | None:
         """Accepted tree tokens by source (drafter, look-up, both); None without
         look-up."""
@@ -198,6 +208,7 @@ def summarize(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
             "no_draft_share": _round(c.no_draft_share),
             "mean_draft_length": _round(c.mean_draft_length),
             "accepted_sources": c.accepted_sources,
+            "beams_skipped_share": _round(c.beams_skipped_share),
             "identical_to_baseline": identical,
             "compared_to_baseline": compared,
         })

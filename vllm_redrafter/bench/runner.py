@@ -86,8 +86,8 @@ INT8_SUFFIX = "+int8"
 def _split_suffix(name: str) -> tuple[str, str, Any] | None:
     """``"x+auto"`` -> ``("x", "adaptive", True)``; ``"x+lookup4"`` ->
     ``("x", "lookup", {"extra_nodes": 4})``; ``"x+fp32draft"`` -> ``("x", "draft_dtype",
-    "float32")``; ``"x+int8"`` -> ``("x", "draft_int8", True)``; None without a known
-    suffix."""
+    "float32")``; ``"x+int8"`` -> ``("x", "draft_int8", True)``; ``"x+skip3"`` ->
+    ``("x", "skip_beams_match", 3)`` (a look-up option); None without a known suffix."""
     if name.endswith(AUTO_SUFFIX):
         return name[: -len(AUTO_SUFFIX)], "adaptive", True
     if name.endswith(INT8_SUFFIX):
@@ -95,6 +95,9 @@ def _split_suffix(name: str) -> tuple[str, str, Any] | None:
     for suffix, dtype in DRAFT_DTYPE_SUFFIXES.items():
         if name.endswith(suffix):
             return name[: -len(suffix)], "draft_dtype", dtype
+    skip = re.fullmatch(r"(.*)\+skip(\d+)", name)
+    if skip is not None:
+        return skip.group(1), "skip_beams_match", int(skip.group(2))
     match = re.fullmatch(r"(.*)\+lookup(\d*)", name)
     if match is None:
         return None
@@ -105,8 +108,8 @@ def _split_suffix(name: str) -> tuple[str, str, Any] | None:
 def _named_spec(name: str, drafter: str, specs: dict[str, dict[str, Any] | None]
                 ) -> dict[str, Any] | None:
     """The spec a ``--configs`` name asks for: ``redrafter[-tree]@W<w>L<l>``, or any
-    ReDrafter name with ``+auto``, ``+lookup[N]``, ``+int8`` and ``+fp32draft`` /
-    ``+bf16draft`` suffixes (e.g. ``redrafter+auto``, ``redrafter-tree+lookup``,
+    ReDrafter name with ``+auto``, ``+lookup[N]``, ``+skip<N>`` (with ``+lookup``),
+    ``+int8`` and ``+fp32draft`` / ``+bf16draft`` suffixes (e.g. ``redrafter+auto``, ``redrafter-tree+lookup``,
     ``redrafter-tree@W1L5+lookup4+auto``, ``redrafter+auto+fp32draft``)."""
     base, extra = name, {}
     while (split := _split_suffix(base)) is not None:
@@ -122,6 +125,12 @@ def _named_spec(name: str, drafter: str, specs: dict[str, dict[str, Any] | None]
         return None
     if extra.get("lookup") and not spec["tree"]:
         return None  # look-up branches join a tree: only tree configs take +lookup
+    skip = extra.pop("skip_beams_match", None)
+    if skip is not None:
+        if not extra.get("lookup"):
+            return None  # +skip<N> is a look-up option
+        lookup = extra["lookup"] if isinstance(extra["lookup"], dict) else {}
+        extra["lookup"] = {**lookup, "skip_beams_match": skip}
     spec.update(extra)
     return spec
 

@@ -53,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "names draft fixed lengths, a +auto suffix (redrafter+auto) "
                              "turns load-aware drafting on (the option's default); +lookup "
                              "adds context look-up branches to a tree config, +lookup<N> "
-                             "with N extra tree nodes (redrafter-tree@W1L5+lookup4); +int8 "
+                             "with N extra tree nodes (redrafter-tree@W1L5+lookup4), "
+                             "+skip<N> skips the beam search on trusted look-up matches of "
+                             "N tokens (redrafter-tree+lookup+skip3); +int8 "
                              "int8 drafting weights; +fp32draft / +bf16draft the drafter's "
                              "dtype")
     parser.add_argument("--beam-width", type=int, default=None,

@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lookup", action="append", default=[], metavar="SPEC",
                         help="also walk trees with context look-up branches; SPEC is "
                              "'default' or comma-separated key=value of the lookup option "
-                             "(max_candidates, min_match, max_match, rank, extra_nodes), e.g. "
+                             "(max_candidates, min_match, max_match, rank, extra_nodes, "
+                             "skip_beams_match), e.g. "
                              "'rank=0,max_candidates=4'; repeat to compare several")
     parser.add_argument("--draft-int8", action="store_true",
                         help="draft with the int8 weights of the draft_int8 option (every "
@@ -78,6 +79,7 @@ def _row(name: str, chain, tree, hybrids=(), specs=()) -> dict:
         row["lookup"] = [
             {"spec": spec, "tau": round(stats.tau or 0.0, 3), "steps": stats.steps,
              "mean_nodes": round(stats.nodes / max(stats.steps, 1), 2),
+             "beams_skipped_share": round(stats.skipped / max(stats.steps, 1), 3),
              "accepted_from": {"drafter": src.drafter, "lookup": src.lookup,
                                "both": src.both}}
             for spec, (stats, src) in zip(specs, hybrids)]
@@ -169,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         for item in r.get("lookup", ()):
             print(f"| {r['group']} | lookup {item['spec']} | τ {item['tau']:.2f} | "
-                  f"nodes/step {item['mean_nodes']:.1f} | accepted "
+                  f"nodes/step {item['mean_nodes']:.1f} | beams skipped "
+                  f"{100 * item['beams_skipped_share']:.0f}% | accepted "
                   f"from drafter/lookup/both {item['accepted_from']['drafter']}/"
                   f"{item['accepted_from']['lookup']}/{item['accepted_from']['both']} |")
     print(f"[evaluate] {len(records)} responses, W={args.beam_width}, L={args.beam_length}, "
