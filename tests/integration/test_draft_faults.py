@@ -70,7 +70,7 @@ def test_non_finite_hidden_states_are_a_fault_not_a_draft():
     proposer._rows_cpu = torch.zeros(4, dtype=torch.int64)
     proposer._rows = torch.zeros(4, dtype=torch.int64)
     proposer._host = None
-    proposer._proposal = lambda step, beams: pytest.fail("drafted from NaN")
+    proposer._proposal = lambda step, beams, found: pytest.fail("drafted from NaN")
     proposer._draft_beams = lambda step, hidden: torch.zeros(len(step.requests), 2, 3,
                                                              dtype=torch.int64)
     step = runner_state.DraftStep(2, [runner_state.DraftRequest("a", 0, 1, 3, False)], 2)
@@ -79,7 +79,8 @@ def test_non_finite_hidden_states_are_a_fault_not_a_draft():
         proposer.propose_step(step, hidden)
     # control: the same step from the finite row drafts
     shapes = []
-    proposer._proposal = lambda step, beams: shapes.append(tuple(beams.shape)) or Proposal()
+    proposer._proposal = lambda step, beams, found: (shapes.append(tuple(beams.shape))
+                                                     or Proposal())
     proposer.draft_seconds, proposer.num_proposals = 0.0, 0
     ok = runner_state.DraftStep(2, [runner_state.DraftRequest("a", 0, 0, 3, False)], 2)
     assert proposer.propose_step(ok, hidden) == Proposal() and shapes == [(1, 2, 3)]
