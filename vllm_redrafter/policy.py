@@ -20,7 +20,12 @@ save. For a decode batch of ``B`` requests each drafting ``k`` tokens the expect
 cost: plain decoding) included, so it drafts only when drafting is expected to be faster.
 Until every cost it needs has been measured it drafts fully (warm-up); while it is not
 drafting it drafts once every ``explore_every`` steps with the draft closest to paying
-(usually one token: cheap under load), so that acceptance and costs stay current.
+(usually one token: cheap under load), so that acceptance and costs stay current. The
+converse holds too: while it drafts, a plain step's cost ``T(B)`` is measured, not only
+extrapolated from the drafting steps' sizes (a drafting step also pays the rejection
+sampler, so a line through ``T(2B)``, ``T(3B)`` overestimates ``T(B)``: at 4 requests on
+this CPU 78 ms extrapolated, 60 ms measured). So it takes one plain step as soon as
+``T(B)`` is unmeasured, and one every ``explore_every`` drafting steps to keep it current.
 
 Worked example (the CPU numbers of the README, rounded): ``T(1) = 0.100``,
 ``T(5) = 0.110``, ``D(1, 4) = 0.020`` s, ``A = (0.40, 0.16, 0.08, 0.04)``: ``rate(0) = 10.0``,
@@ -235,6 +240,7 @@ class DraftPolicy:
     draft: DraftCostTable = field(default_factory=DraftCostTable)
     acceptance: AcceptanceTracker = field(init=False)
     idle_steps: int = 0
+    busy_steps: int = 0
     steps: int = 0
     no_draft_steps: int = 0
     drafted_length_sum: int = 0
@@ -271,8 +277,10 @@ class DraftPolicy:
         if decision.length == 0:
             self.no_draft_steps += 1
             self.idle_steps += 1
+            self.busy_steps = 0
         else:
             self.idle_steps = 0
+            self.busy_steps += 1
         return decision
 
     def _decide(self, num_reqs: int) -> Decision:
@@ -285,12 +293,20 @@ class DraftPolicy:
         if 0 not in rates or len(rates) < 2:
             return Decision(self.max_length, "warm-up")
         best = max(rates, key=lambda k: (rates[k], -k))  # ties: the shorter draft
+        if best > 0 and (not self.plain_measured(num_reqs)
+                         or self.busy_steps + 1 >= self.explore_every):
+            return Decision(0, "explore", rates)  # measure T(B) of a plain step
         if best == 0 and self.idle_steps + 1 >= self.explore_every:
             # the draft closest to paying: cheap to try under load, and what would be
             # chosen first if its measurements turn out better than estimated
             drafts = [k for k in rates if k > 0]
             return Decision(max(drafts, key=lambda k: (rates[k], -k)), "explore", rates)
         return Decision(best, "rate", rates)
+
+    def plain_measured(self, num_reqs: int) -> bool:
+        """Whether a plain step of ``num_reqs`` requests (``T(num_reqs)``, no draft) has
+        a measured cost bin (not only an extrapolation from larger steps)."""
+        return _bin(self.verified_tokens(num_reqs, 0)) in self.target.bins
 
     def counters(self) -> dict[str, float]:
         """Steps decided, steps without a draft, sum of draft lengths (the bench takes

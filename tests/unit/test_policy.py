@@ -18,7 +18,8 @@ from vllm_redrafter.policy import (
 CPU_TARGET = {1: 0.100, 5: 0.110, 9: 0.126, 17: 0.151, 16: 0.150, 64: 0.40, 80: 0.50,
               256: 1.50, 320: 1.90}
 # A GPU-like target: verification is almost free up to a few hundred tokens.
-FLAT_TARGET = {1: 0.020, 5: 0.020, 16: 0.0205, 80: 0.021, 256: 0.024, 320: 0.026}
+FLAT_TARGET = {1: 0.020, 5: 0.020, 16: 0.0205, 64: 0.0208, 80: 0.021, 256: 0.024,
+               320: 0.026}
 # Acceptance per depth of the demo drafter (chain W=4, L=5): 0.36/0.16/0.08/0.04.
 CHAIN_ACCEPTED = [0] * 64 + [1] * 20 + [2] * 8 + [3] * 4 + [4] * 4  # 100 requests
 
@@ -142,3 +143,37 @@ def test_draft_cost_scales_from_the_nearest_measured_length():
     assert table.estimate(4, 2) == pytest.approx(0.020)
     assert table.estimate(4, 0) == 0.0
     assert DraftCostTable().estimate(4, 2) is None
+
+
+# Recorded 2026-12-01 (demo target, fp32, 4 requests, T=0.7; runs/step_probe.py): steps
+# that verify drafts of 1..4 tokens per request, a prefill, and the plain 4-token step that
+# the drafting steps never measure.
+DRAFTING_ONLY = {8: 0.0788, 12: 0.0804, 20: 0.089, 300: 0.40}
+PLAIN_4 = 0.0602
+SAMPLED_ACCEPTED = [0] * 71 + [1] * 24 + [2] * 3 + [3] * 1 + [4] * 1  # A(1) = 0.29
+
+
+def test_a_plain_step_is_measured_before_its_extrapolated_cost_is_trusted():
+    policy = _policy(DRAFTING_ONLY, draft_s=0.005, per_req=0.0005, accepted=SAMPLED_ACCEPTED)
+    assert not policy.plain_measured(4)
+    first = policy.choose(4)
+    # extrapolated T(4) ~ 0.078 s: drafting one token looks worth it, but T(4) is unmeasured
+    assert first.rates[1] > first.rates[0]
+    assert first.length == 0 and first.reason == "explore"
+    policy.target.observe(4, PLAIN_4)  # the plain step's measured cost
+    assert policy.plain_measured(4)
+    second = policy.choose(4)
+    assert second.length == 0 and second.reason == "rate"  # measured: drafting loses
+    # negative control: had the plain step really cost what was extrapolated, it drafts
+    control = _policy(DRAFTING_ONLY, draft_s=0.005, per_req=0.0005,
+                      accepted=SAMPLED_ACCEPTED)
+    control.target.observe(4, 0.078)
+    assert control.choose(4).length >= 1
+
+
+def test_drafting_takes_a_plain_step_every_explore_every_steps():
+    policy = _policy(CPU_TARGET, draft_s=0.02)
+    policy.explore_every = 8
+    lengths = [policy.choose(1).length for _ in range(16)]
+    assert lengths.count(0) == 2 and lengths[7] == 0 and lengths[15] == 0
+    assert all(length >= 1 for i, length in enumerate(lengths) if i not in (7, 15))
