@@ -844,7 +844,9 @@ class ReDrafterProposer:
         if not tree_rows:
             return proposal
         if self.lookup is not None:
-            self._merge_lookups(step, beams, tree_rows, proposal, found or {})
+            if found is None:  # not looked up before the search: look up at the beams' depth
+                found = self._find_lookups(step, beams.shape[2] - 1)
+            self._merge_lookups(step, beams, tree_rows, proposal, found)
             return proposal
         packed = build_tree(beams[tree_rows])
         num_nodes = packed.num_nodes.tolist()
