@@ -470,6 +470,25 @@ class RecurrentDrafter(nn.Module):
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def check_draft_dtype(option: str, uses_target_head: bool) -> None:
+    """Refuse a ``draft_dtype`` option that cannot apply (the one check behind the
+    start-up validation and :func:`resolve_draft_dtype`).
+
+    Raises:
+        ValueError: an unknown name, or an explicit dtype for a drafter that scores with
+            the target's head.
+    """
+    if option == "auto":
+        return
+    if option not in _DTYPES:
+        raise ValueError(f"draft_dtype must be auto, {', '.join(_DTYPES)}; got {option!r}")
+    if uses_target_head:
+        raise ValueError(
+            "draft_dtype applies to drafters with their own output head; this drafter "
+            "scores with the target's head (head='target'), which runs in the target's "
+            "dtype: omit draft_dtype")
+
+
 def resolve_draft_dtype(option: str, target_dtype: torch.dtype, stored_dtype: torch.dtype,
                         uses_target_head: bool) -> torch.dtype:
     """The dtype a drafter runs in (the ``draft_dtype`` option).
@@ -487,14 +506,8 @@ def resolve_draft_dtype(option: str, target_dtype: torch.dtype, stored_dtype: to
     Raises:
         ValueError: an explicit dtype for a target-head drafter, or an unknown name.
     """
+    check_draft_dtype(option, uses_target_head)
     if option != "auto":
-        if option not in _DTYPES:
-            raise ValueError(f"draft_dtype must be auto, {', '.join(_DTYPES)}; got {option!r}")
-        if uses_target_head:
-            raise ValueError(
-                "draft_dtype applies to drafters with their own output head; this drafter "
-                "scores with the target's head, which runs in the target's dtype: omit "
-                "draft_dtype")
         return _DTYPES[option]
     if uses_target_head or target_dtype != torch.float32:
         return target_dtype

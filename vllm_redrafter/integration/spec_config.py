@@ -368,11 +368,12 @@ def translate_speculative_config(
     options = _options(merged)
     _check_num_tokens(num_tokens, options, derived_from=source)
     _check_tree_size(options)
-    if options.draft_dtype != "auto" and drafter.uses_target_head:
-        raise ReDrafterConfigError(
-            f"draft_dtype={options.draft_dtype!r}: this drafter scores with the target's "
-            "output head (drafter.head='target'), which runs in the target's dtype; omit "
-            "draft_dtype")
+    from vllm_redrafter.drafter import check_draft_dtype
+
+    try:
+        check_draft_dtype(options.draft_dtype, drafter.uses_target_head)
+    except ValueError as exc:
+        raise ReDrafterConfigError(f"draft_dtype={options.draft_dtype!r}: {exc}") from None
     check_against_target(drafter, path, target_hidden_size, target_vocab_size)
 
     settings = ReDrafterSettings(drafter_dir=str(path), options=options)
