@@ -166,6 +166,15 @@ class TreeDraft:
         """The draft list vLLM schedules: every node but the root."""
         return list(self.tokens[1:])
 
+    @property
+    def is_chain(self) -> bool:
+        """Whether the tree is a single path (node ``j`` at depth ``j``), which vLLM's
+        chain verification handles exactly and more cheaply.
+
+        Example: depths ``0 1 2 3`` -> True; ``0 1 2 2`` (two leaves) -> False.
+        """
+        return all(depth == node for node, depth in enumerate(self.depths))
+
     def truncated(self, num_drafts: int) -> TreeDraft:
         """The subtree of the first ``num_drafts`` drafted nodes (topological order
         keeps it a tree); used when vLLM schedules fewer drafts than proposed."""

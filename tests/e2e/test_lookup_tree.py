@@ -98,6 +98,31 @@ def test_without_lookup_the_same_beams_accept_nothing(assets, baseline):
     assert metrics["num_drafts"] > 0 and metrics["num_accepted_tokens"] == 0, metrics
 
 
+def _chain_trees(worker) -> int:
+    from vllm_redrafter.integration.runner import chain_tree_count
+
+    return chain_tree_count()
+
+
+def test_single_path_lookup_trees_go_through_the_chain_verifier(assets, baseline):
+    """One look-up branch and the beams skipped on a trusted match: the tree is a single
+    path, verified by vLLM's chain path; parity holds and the accepted tokens are still
+    attributed to look-up (the path's last node is its accepted count)."""
+    prompts = assets["prompts"][:NEGATIVE_PROMPTS]
+    lookup = {"max_candidates": 1, "skip_beams_match": 2}
+    with _engine(assets, baseline, lookup) as llm:
+        # one request at a time: a step skips the beams only when all its requests may
+        out = [h.generate_ids(llm, [p], h.NEW_TOKENS, temperature=0.0)[0] for p in prompts]
+        metrics = h.spec_metrics(llm)
+        sources = _sources(llm)
+        chained = llm.collective_rpc(_chain_trees)[0]
+        skipped = llm.collective_rpc(_drafter_policy)[0]["beams_skipped"]
+    assert out == baseline["greedy"][:NEGATIVE_PROMPTS]
+    assert skipped > 0 and chained > 0, (skipped, chained)
+    assert metrics["num_accepted_tokens"] > 0, metrics
+    assert sources["lookup"] == metrics["num_accepted_tokens"], (sources, metrics)
+
+
 def test_sampling_with_lookup_matches_the_target_distribution(baseline, lookup_run):
     ref, got = baseline["sampled"], lookup_run["sampled"]
     assert len(ref) == len(got) == SAMPLES

@@ -26,7 +26,11 @@ One engine step on a worker, in order (tree mode):
 A registered tree is dropped when its request is next scheduled (verified or not) or
 finishes; a tree whose tokens do not match what vLLM scheduled (drafts replaced by
 placeholders, zeroed, truncated by a grammar) is never verified as a tree: vLLM's chain
-verification then applies, which is exact for any draft list.
+verification then applies, which is exact for any draft list. A tree that is a single
+path as scheduled (one beam, or one look-up branch; :attr:`TreeDraft.is_chain`) goes the
+same way on purpose: the chain path verifies it exactly without the tree attention's and
+the KV fix-up's cost; its last accepted node is its accepted count (for the look-up
+source counts).
 
 Diagnostics: ``VLLM_REDRAFTER_TREE_DISABLE=positions,mask,kv_fixup`` switches parts of
 tree verification off (the negative-control tests show each is needed for exact output;
@@ -136,10 +140,20 @@ class _WorkerState:
     trees: dict[str, TreeDraft] = field(default_factory=dict)
     current: TreeVerifyStep | None = None
     last_nodes: dict[str, int] = field(default_factory=dict)
+    chained: set[str] = field(default_factory=set)
+    """Requests whose registered tree was a single path, verified by vLLM's chain path
+    this step."""
+    chain_trees: int = 0
+    """Single-path trees verified by the chain path so far (tests, diagnostics)."""
     draft_faults: int = 0
     step_started: float | None = None
     rewind: dict[int, torch.Tensor] | None = None
     """CPU generator states of this step's discarded requests, before sampling."""
+
+
+def chain_tree_count() -> int:
+    """Single-path trees this worker verified through vLLM's chain path."""
+    return _STATE.chain_trees
 
 
 def draft_fault_count() -> int:
@@ -271,6 +285,8 @@ def read_draft_step(
     for index, row, init in zip(context.req_indices, context.rows, context.init_tokens):
         req_id = req_ids[index]
         last_node = last_nodes[index] if index < len(last_nodes) else None
+        if last_node is None and req_id in _STATE.chained:
+            last_node = len(sampled_token_ids[index]) - 1  # a path: node = accepted count
         tree_ok = tree_mode and tree_fallback_reason(_sampling_params(runner, req_id)) is None
         history = None
         if with_history:
@@ -337,6 +353,7 @@ def after_prepare_inputs(runner: Any, scheduler_output: Any, result: Any) -> Non
     """Turn the scheduled drafts into this step's :class:`TreeVerifyStep` (or None) and
     write the depth positions of its nodes into ``runner.positions``."""
     _STATE.current = None
+    _STATE.chained.clear()
     for req_id in getattr(scheduler_output, "finished_req_ids", ()) or ():
         _STATE.trees.pop(req_id, None)
     if not _STATE.trees:
@@ -362,6 +379,10 @@ def after_prepare_inputs(runner: Any, scheduler_output: Any, result: Any) -> Non
         if n == 0 or drafts != tree.drafts[:n] or bool(discard[index]):
             continue
         sub = tree.truncated(n)
+        if sub.is_chain:  # vLLM's chain verification: exact, and cheaper
+            _STATE.chained.add(req_id)
+            _STATE.chain_trees += 1
+            continue
         end = int(query_start[index + 1])
         seq_len = int(batch.num_computed_tokens_cpu[index]) + end - int(query_start[index])
         requests.append(TreeRequestStep(
