@@ -95,7 +95,8 @@ register_patch(Patch(
     how="After the original returns (slot mapping already computed from the linear "
     "positions, so each node keeps its own KV slot), requests whose scheduled drafts "
     "equal the tree registered for them by request id become this step's tree "
-    "requests, and their node rows of runner.positions are rewritten to base + depth.",
+    "requests, and their node rows of runner.positions are rewritten to base + depth; "
+    "a tree that is a single path as scheduled is left to vLLM's chain verification.",
     remove_when="vLLM supports tree-shaped drafts for custom proposers (per-request "
     "draft parents/depths in the scheduler output or a proposer position hook).",
     apply=_apply_prepare_hook,
