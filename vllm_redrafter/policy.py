@@ -18,7 +18,12 @@ save. For a decode batch of ``B`` requests each drafting ``k`` tokens the expect
 
 :class:`DraftPolicy` picks the ``k`` with the highest rate, ``k = 0`` (no draft, no drafting
 cost: plain decoding) included, so it drafts only when drafting is expected to be faster.
-Until every cost it needs has been measured it drafts fully (warm-up); while it is not
+Until every cost it needs has been measured it drafts fully (warm-up), where that is
+affordable: a full draft's step may cost at most ``warm_up_cost`` (2x) a plain step's by
+the target table's estimate, otherwise it decodes plainly and warms up later at a smaller
+batch (on this CPU a fresh engine hit by 64 requests would verify 64 x 5 tokens, 4.75x a
+plain step, to learn what it could learn at batch 1; where verification is nearly free,
+as on a GPU, it warms up at any batch). While it is not
 drafting it drafts once every ``explore_every`` steps with the draft closest to paying
 (usually one token: cheap under load), so that acceptance and costs stay current. The
 converse holds too: while it drafts, a plain step's cost ``T(B)`` is measured, not only
@@ -237,6 +242,8 @@ class DraftPolicy:
         min_samples: drafted requests needed before acceptance is trusted.
         min_gain: a draft is chosen only if its rate is at least this multiple of plain
             decoding's.
+        warm_up_cost: warm-up drafts fully only while the estimated cost of such a step
+            is at most this multiple of a plain step's (no draft otherwise).
     """
 
     max_length: int
@@ -245,6 +252,7 @@ class DraftPolicy:
     explore_every: int = 64
     min_samples: int = 32
     min_gain: float = 1.10
+    warm_up_cost: float = 2.0
     target: StepCostTable = field(default_factory=StepCostTable)
     draft: DraftCostTable = field(default_factory=DraftCostTable)
     acceptance: AcceptanceTracker = field(init=False)
@@ -296,11 +304,11 @@ class DraftPolicy:
         if not self.adaptive:
             return Decision(self.max_length, "pinned")
         if self.acceptance.samples < self.min_samples or self.target.num_bins < 2:
-            return Decision(self.max_length, "warm-up")
+            return self._warm_up(num_reqs)
         rates = {k: r for k in self.candidates()
                  if (r := self.rate(num_reqs, k)) is not None}
         if 0 not in rates or len(rates) < 2:
-            return Decision(self.max_length, "warm-up")
+            return self._warm_up(num_reqs)
         best = max(rates, key=lambda k: (rates[k], -k))  # ties: the shorter draft
         if best > 0 and rates[best] < self.min_gain * rates[0]:
             best = 0  # a gain within the model's error: plain decoding
@@ -313,6 +321,19 @@ class DraftPolicy:
             drafts = [k for k in rates if k > 0]
             return Decision(max(drafts, key=lambda k: (rates[k], -k)), "explore", rates)
         return Decision(best, "rate", rates)
+
+    def _warm_up(self, num_reqs: int) -> Decision:
+        """A full draft to measure acceptance and costs, unless the target table says such
+        a step costs more than ``warm_up_cost`` plain steps at this batch (then none).
+
+        Example (the README's CPU costs): ``T(1) = 0.100``, ``T(5) = 0.110``: at 1 request
+        1.1x, warm up; ``T(64) = 0.40``, ``T(320) = 1.90``: at 64 requests 4.75x, no draft.
+        """
+        full = self.target.estimate(self.verified_tokens(num_reqs, self.max_length))
+        plain = self.target.estimate(self.verified_tokens(num_reqs, 0))
+        if full is not None and plain and full > self.warm_up_cost * plain:
+            return Decision(0, "warm-up")
+        return Decision(self.max_length, "warm-up")
 
     def plain_measured(self, num_reqs: int) -> bool:
         """Whether a plain step of ``num_reqs`` requests (``T(num_reqs)``, no draft) has

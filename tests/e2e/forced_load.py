@@ -29,3 +29,6 @@ class ForcedLoadProposer(ReDrafterProposer):
         for n in (1, 4, 16, 64, 256):
             StepCostTable.observe(table, n, 0.01 * n)
         self.policy.target = table
+        # warm up whatever it costs (by this table a full draft costs 5 plain steps, which
+        # would skip the warm-up): the test checks that drafting stops after it
+        self.policy.warm_up_cost = float("inf")

@@ -137,6 +137,28 @@ def test_warm_up_pinned_and_exploration():
     assert stats["mean_length"] == pytest.approx(0.2)
 
 
+def _fresh(target: dict[int, float]) -> DraftPolicy:
+    """A policy whose target costs are known but whose acceptance is not (warm-up)."""
+    policy = DraftPolicy(max_length=4)
+    for n, seconds in target.items():
+        policy.target.observe(n, seconds)
+    return policy
+
+
+def test_warm_up_drafts_only_where_a_full_draft_is_affordable():
+    policy = _fresh(CPU_TARGET)
+    small = policy.choose(1)  # T(5) / T(1) = 1.1
+    assert small.reason == "warm-up" and small.length == 4
+    large = policy.choose(64)  # T(320) / T(64) = 4.75: plain decoding
+    assert large.reason == "warm-up" and large.length == 0
+    # negative controls: nearly free verification warms up at any batch; so does a
+    # policy that accepts any warm-up cost
+    assert _fresh(FLAT_TARGET).choose(64).length == 4
+    lenient = _fresh(CPU_TARGET)
+    lenient.warm_up_cost = float("inf")
+    assert lenient.choose(64).length == 4
+
+
 def test_draft_cost_scales_from_the_nearest_measured_length():
     table = DraftCostTable()
     table.observe(4, 4, 0.040)
