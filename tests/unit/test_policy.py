@@ -24,11 +24,17 @@ FLAT_TARGET = {1: 0.020, 5: 0.020, 16: 0.0205, 64: 0.0208, 80: 0.021, 256: 0.024
 CHAIN_ACCEPTED = [0] * 64 + [1] * 20 + [2] * 8 + [3] * 4 + [4] * 4  # 100 requests
 
 
-def _policy(target: dict[int, float], draft_s: float, per_req: float = 0.0,
-            tree: TreeSizeTable | None = None, accepted=CHAIN_ACCEPTED) -> DraftPolicy:
-    policy = DraftPolicy(max_length=4, tree=tree)
+def _with_target(target: dict[int, float], max_length: int = 4, **options) -> DraftPolicy:
+    """A policy whose target step costs are ``target``; nothing else measured yet."""
+    policy = DraftPolicy(max_length=max_length, **options)
     for n, seconds in target.items():
         policy.target.observe(n, seconds)
+    return policy
+
+
+def _policy(target: dict[int, float], draft_s: float, per_req: float = 0.0,
+            tree: TreeSizeTable | None = None, accepted=CHAIN_ACCEPTED) -> DraftPolicy:
+    policy = _with_target(target, tree=tree)
     for b in (1, 4, 16, 64):
         policy.draft.observe(b, 4, draft_s + per_req * b)
     for a in accepted:
@@ -137,24 +143,16 @@ def test_warm_up_pinned_and_exploration():
     assert stats["mean_length"] == pytest.approx(0.2)
 
 
-def _fresh(target: dict[int, float]) -> DraftPolicy:
-    """A policy whose target costs are known but whose acceptance is not (warm-up)."""
-    policy = DraftPolicy(max_length=4)
-    for n, seconds in target.items():
-        policy.target.observe(n, seconds)
-    return policy
-
-
 def test_warm_up_drafts_only_where_a_full_draft_is_affordable():
-    policy = _fresh(CPU_TARGET)
+    policy = _with_target(CPU_TARGET)
     small = policy.choose(1)  # T(5) / T(1) = 1.1
     assert small.reason == "warm-up" and small.length == 4
     large = policy.choose(64)  # T(320) / T(64) = 4.75: plain decoding
     assert large.reason == "warm-up" and large.length == 0
     # negative controls: nearly free verification warms up at any batch; so does a
     # policy that accepts any warm-up cost
-    assert _fresh(FLAT_TARGET).choose(64).length == 4
-    lenient = _fresh(CPU_TARGET)
+    assert _with_target(FLAT_TARGET).choose(64).length == 4
+    lenient = _with_target(CPU_TARGET)
     lenient.warm_up_cost = float("inf")
     assert lenient.choose(64).length == 4
 
@@ -210,9 +208,7 @@ C4_SAMPLED_ACCEPTED = [0] * 68 + [1] * 32
 
 
 def _one_token_policy(min_gain: float) -> DraftPolicy:
-    policy = DraftPolicy(max_length=1, min_gain=min_gain)
-    for n, seconds in C4_SAMPLED_TARGET.items():
-        policy.target.observe(n, seconds)
+    policy = _with_target(C4_SAMPLED_TARGET, max_length=1, min_gain=min_gain)
     policy.draft.observe(4, 1, 0.0038)
     for a in C4_SAMPLED_ACCEPTED:
         policy.acceptance.observe(1, a)
@@ -220,8 +216,7 @@ def _one_token_policy(min_gain: float) -> DraftPolicy:
 
 
 def test_a_gain_within_the_margin_is_not_drafted():
-    decision = DraftPolicy(max_length=1).min_gain
-    assert decision == pytest.approx(1.10)  # the default margin
+    assert DraftPolicy(max_length=1).min_gain == pytest.approx(1.10)  # the default margin
     decision = _one_token_policy(min_gain=1.10).choose(4)
     assert 1.0 < decision.rates[1] / decision.rates[0] < 1.05  # the recorded +3%
     assert decision.length == 0 and decision.reason == "rate"
