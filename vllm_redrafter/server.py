@@ -64,16 +64,30 @@ def wait_for_health(base: str, proc: subprocess.Popen, log_path: Path,
 
 
 def stop_process_group(proc: subprocess.Popen, grace: float = 60) -> None:
-    """SIGTERM the process group led by ``proc`` (started with start_new_session=True);
-    SIGKILL it after ``grace`` seconds."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
+    """Stop a server started with ``start_new_session=True``: SIGTERM its leader only, so
+    that ``vllm serve`` shuts its engine-core processes down itself, in order; then SIGKILL
+    whatever is left of the process group (or all of it after ``grace`` seconds).
+
+    Signalling the whole group at once races: an engine core that exits on its own SIGTERM
+    before the API server starts its shutdown makes the server log ``EngineDeadError`` with a
+    traceback, although nothing went wrong.
+    """
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL every process left in ``proc``'s group, then reap ``proc``."""
     try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone
+    proc.wait()
 
 
 def _tail(path: Path, chars: int = 4000) -> str:
