@@ -19,18 +19,19 @@ save. For a decode batch of ``B`` requests each drafting ``k`` tokens the expect
 :class:`DraftPolicy` picks the ``k`` with the highest rate, ``k = 0`` (no draft, no drafting
 cost: plain decoding) included, so it drafts only when drafting is expected to be faster.
 Until every cost it needs has been measured it drafts fully (warm-up), where that is
-affordable: a full draft's step may cost at most ``warm_up_cost`` (2x) a plain step's by
-the target table's estimate, otherwise it decodes plainly and warms up later at a smaller
-batch (on this CPU a fresh engine hit by 64 requests would verify 64 x 5 tokens, 4.75x a
-plain step, to learn what it could learn at batch 1; where verification is nearly free,
-as on a GPU, it warms up at any batch). While it is not
-drafting it drafts once every ``explore_every`` steps with the draft closest to paying
-(usually one token: cheap under load), so that acceptance and costs stay current. The
-converse holds too: while it drafts, a plain step's cost ``T(B)`` is measured, not only
-extrapolated from the drafting steps' sizes (a drafting step also pays the rejection
-sampler, so a line through ``T(2B)``, ``T(3B)`` overestimates ``T(B)``: at 4 requests on
-this CPU 78 ms extrapolated, 60 ms measured). So it takes one plain step as soon as
-``T(B)`` is unmeasured, and one every ``explore_every`` drafting steps to keep it current.
+affordable: a full draft's step, verification plus drafting, may cost at most
+``warm_up_cost`` (2x) a plain step's by the cost tables' estimates, otherwise it decodes
+plainly and warms up later at a smaller batch (on this CPU a fresh engine hit by 64
+requests would verify 64 x 5 tokens, 4.75x a plain step, to learn what it could learn at
+batch 1; where verification and drafting are nearly free, as on a GPU, it warms up at
+any batch). While it is not drafting it drafts once every ``explore_every`` steps with
+the draft closest to paying (usually one token: cheap under load), so that acceptance
+and costs stay current. The converse holds too: while it drafts, a plain step's cost
+``T(B)`` is measured, not only extrapolated from the drafting steps' sizes (a drafting
+step also pays the rejection sampler, so a line through ``T(2B)``, ``T(3B)``
+overestimates ``T(B)``: at 4 requests on this CPU 78 ms extrapolated, 60 ms measured).
+So it takes one plain step as soon as ``T(B)`` is unmeasured, and one every
+``explore_every`` drafting steps to keep it current.
 A draft must beat plain decoding by ``min_gain`` (10%) to be chosen: the model leaves out
 costs a drafting step causes elsewhere (the scheduler's and the output path's work on the
 spec tokens, prefills interleaved differently, requests finishing at staggered steps so
@@ -243,7 +244,8 @@ class DraftPolicy:
         min_gain: a draft is chosen only if its rate is at least this multiple of plain
             decoding's.
         warm_up_cost: warm-up drafts fully only while the estimated cost of such a step
-            is at most this multiple of a plain step's (no draft otherwise).
+            (verification plus drafting) is at most this multiple of a plain step's (no
+            draft otherwise).
     """
 
     max_length: int
@@ -323,17 +325,29 @@ class DraftPolicy:
         return Decision(best, "rate", rates)
 
     def _warm_up(self, num_reqs: int) -> Decision:
-        """A full draft to measure acceptance and costs, unless the target table says such
-        a step costs more than ``warm_up_cost`` plain steps at this batch (then none).
+        """A full draft to measure acceptance and costs, unless such a step, verification
+        and drafting together, is estimated at more than ``warm_up_cost`` plain steps at
+        this batch (then none).
 
-        Example (the README's CPU costs): ``T(1) = 0.100``, ``T(5) = 0.110``: at 1 request
-        1.1x, warm up; ``T(64) = 0.40``, ``T(320) = 1.90``: at 64 requests 4.75x, no draft.
+        The drafting cost counts where the draft table can estimate it (after any
+        drafting step; from one measured batch size it scales in proportion to the
+        requests, which overestimates a batched beam search: the rule errs towards
+        decoding plainly). Example (the README's CPU costs, float32): ``T(1) = 0.100``,
+        ``T(5) = 0.110``, ``D(1, 4) = 0.020``: at 1 request 1.3x, warm up;
+        ``T(64) = 0.40``, ``T(320) = 1.90``: at 64 requests 4.75x before drafting, no draft.
+        In bfloat16 (recorded in-process, 2026-12-01) at 8 requests: ``T(8) = 0.034``,
+        ``T(40) = 0.064`` (1.9x: the target alone would warm up), ``D(8, 4) = 0.017``:
+        2.4x, no draft.
         """
-        full = self.target.estimate(self.verified_tokens(num_reqs, self.max_length))
+        length = self.max_length
+        full = self.target.estimate(self.verified_tokens(num_reqs, length))
         plain = self.target.estimate(self.verified_tokens(num_reqs, 0))
+        drafting = self.draft.estimate(num_reqs, length)
+        if full is not None and drafting is not None:
+            full += drafting
         if full is not None and plain and full > self.warm_up_cost * plain:
             return Decision(0, "warm-up")
-        return Decision(self.max_length, "warm-up")
+        return Decision(length, "warm-up")
 
     def plain_measured(self, num_reqs: int) -> bool:
         """Whether a plain step of ``num_reqs`` requests (``T(num_reqs)``, no draft) has

@@ -7,6 +7,7 @@ import pytest
 
 from vllm_redrafter.policy import (
     AcceptanceTracker,
+    Decision,
     DraftCostTable,
     DraftPolicy,
     StepCostTable,
@@ -155,6 +156,27 @@ def test_warm_up_drafts_only_where_a_full_draft_is_affordable():
     lenient = _with_target(CPU_TARGET)
     lenient.warm_up_cost = float("inf")
     assert lenient.choose(64).length == 4
+
+
+# Recorded 2026-12-01 in bfloat16 (demo target, in-process engine, runs/cost_probe.py):
+# plain steps of 1, 8 and 64 requests, and steps verifying full chains (5 tokens per
+# request) of 1, 4, 9, 16 and 64 requests; the drafter's W=4 L=5 beam search per batch.
+BF16_TARGET = {1: 0.0231, 8: 0.0337, 64: 0.0885,
+               5: 0.0288, 20: 0.0398, 45: 0.0705, 80: 0.150, 320: 0.380}
+BF16_DRAFT = {1: 0.0094, 4: 0.0102, 9: 0.0190, 16: 0.0252, 64: 0.0740}
+
+
+def test_warm_up_counts_the_drafting_cost():
+    policy = _with_target(BF16_TARGET)
+    for batch, seconds in BF16_DRAFT.items():
+        policy.draft.observe(batch, 4, seconds)
+    # 1 request: (T(5) + D(1, 4)) / T(1) = 1.67: warm up
+    assert policy.choose(1) == Decision(4, "warm-up")
+    # 8 requests: T(40) = 0.064 is 1.9 plain steps, with D(8, 4) = 0.017 it is 2.4
+    assert policy.choose(8) == Decision(0, "warm-up")
+    assert policy.choose(64) == Decision(0, "warm-up")
+    # negative control: the same target costs before any drafting was timed
+    assert _with_target(BF16_TARGET).choose(8) == Decision(4, "warm-up")
 
 
 def test_draft_cost_scales_from_the_nearest_measured_length():
