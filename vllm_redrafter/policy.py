@@ -327,7 +327,7 @@ class DraftPolicy:
     def _warm_up(self, num_reqs: int) -> Decision:
         """A full draft to measure acceptance and costs, unless such a step, verification
         and drafting together, is estimated at more than ``warm_up_cost`` plain steps at
-        this batch (then none).
+        this batch (then none). One request always warms up: no smaller batch will come.
 
         The drafting cost counts where the draft table can estimate it (after any
         drafting step; from one measured batch size it scales in proportion to the
@@ -345,7 +345,8 @@ class DraftPolicy:
         drafting = self.draft.estimate(num_reqs, length)
         if full is not None and drafting is not None:
             full += drafting
-        if full is not None and plain and full > self.warm_up_cost * plain:
+        too_dear = full is not None and plain and full > self.warm_up_cost * plain
+        if too_dear and num_reqs > 1:
             return Decision(0, "warm-up")
         return Decision(length, "warm-up")
 

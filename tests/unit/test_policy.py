@@ -177,6 +177,12 @@ def test_warm_up_counts_the_drafting_cost():
     assert policy.choose(64) == Decision(0, "warm-up")
     # negative control: the same target costs before any drafting was timed
     assert _with_target(BF16_TARGET).choose(8) == Decision(4, "warm-up")
+    # one request warms up even with a drafter costing three plain steps: no smaller
+    # batch will come, and only measured acceptance can tell whether it pays
+    slow = _with_target(BF16_TARGET)
+    slow.draft.observe(1, 4, 3 * BF16_TARGET[1])
+    assert slow.choose(1) == Decision(4, "warm-up")
+    assert slow.choose(2) == Decision(0, "warm-up")
 
 
 def test_draft_cost_scales_from_the_nearest_measured_length():
