@@ -545,6 +545,7 @@ class ReDrafterProposer:
             )
         embed = _CastEmbedding(embed, self.draft_dtype)
         head: VocabParallelDraftHead | TargetDraftHead
+        head_int8 = False  # whether the head also has int8 weights (own head, TP = 1)
         if core.config.uses_target_head:
             core = core.to(device).eval().requires_grad_(False)
             columns = core.draft_vocab.to(device) if core.draft_vocab is not None else None
@@ -562,9 +563,9 @@ class ReDrafterProposer:
             core = core.to(device).eval().requires_grad_(False)
             head.load_full_weight(full_head.to(device))
             if self.options.draft_int8:
-                head.enable_int8(full_head.to(device))
+                head_int8 = head.enable_int8(full_head.to(device))
         if self.options.draft_int8:
-            self._enable_int8(core, device)
+            self._enable_int8(core, device, head_int8)
 
         self.drafter, self.embed, self.device = core, embed, device
         self._rows = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
@@ -590,9 +591,11 @@ class ReDrafterProposer:
             self.options.draft_top_k, head.tp_size, "tree" if self.tree_mode else "chain",
             "CUDA graphs" if self._graphed is not None else "eager")
 
-    def _enable_int8(self, core: RecurrentDrafter, device: torch.device) -> None:
-        """``draft_int8``: int8 copies of the drafter's own linear layers (and of its
-        head, done by the caller); says when they cannot take effect."""
+    def _enable_int8(self, core: RecurrentDrafter, device: torch.device,
+                     head_int8: bool) -> None:
+        """``draft_int8``: int8 copies of the drafter's own linear layers (``head_int8``:
+        whether the caller also kept the head in int8); says when they cannot take
+        effect."""
         wrapped = quantize_drafter_linears(core)
         if device.type != "cpu" or self.draft_dtype != torch.bfloat16:
             logger.warning(
@@ -600,8 +603,9 @@ class ReDrafterProposer:
                 "runs in %s on %s, so they are never used (drop draft_int8, or serve "
                 "bfloat16 / use a drafter stored in bfloat16)", self.draft_dtype, device.type)
         else:
-            logger.info("draft_int8: %d linear layers (and the head at TP 1) also kept in "
-                        "int8 for batch-1 drafting steps", wrapped)
+            logger.info("draft_int8: %d linear layers %s also kept in int8 for batch-1 "
+                        "drafting steps", wrapped,
+                        "and the head" if head_int8 else "(not the head: TP > 1 or a target head)")
 
     def profile_run(self, num_reqs: int) -> None:
         """The drafter's peak working memory, inside vLLM's memory profiling: one beam

@@ -467,7 +467,15 @@ class RecurrentDrafter(nn.Module):
         )
 
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+"""The dtype names the project accepts (drafter, training, hidden states), one map."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``; a clear error for any other name."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def check_draft_dtype(option: str, uses_target_head: bool) -> None:
@@ -480,8 +488,8 @@ def check_draft_dtype(option: str, uses_target_head: bool) -> None:
     """
     if option == "auto":
         return
-    if option not in _DTYPES:
-        raise ValueError(f"draft_dtype must be auto, {', '.join(_DTYPES)}; got {option!r}")
+    if option not in DTYPES:
+        raise ValueError(f"draft_dtype must be auto, {', '.join(DTYPES)}; got {option!r}")
     if uses_target_head:
         raise ValueError(
             "draft_dtype applies to drafters with their own output head; this drafter "
@@ -508,7 +516,7 @@ def resolve_draft_dtype(option: str, target_dtype: torch.dtype, stored_dtype: to
     """
     check_draft_dtype(option, uses_target_head)
     if option != "auto":
-        return _DTYPES[option]
+        return DTYPES[option]
     if uses_target_head or target_dtype != torch.float32:
         return target_dtype
     return stored_dtype if stored_dtype in (torch.bfloat16, torch.float16) else target_dtype

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_redrafter.config import DrafterConfig
-from vllm_redrafter.drafter import RecurrentDrafter
+from vllm_redrafter.drafter import RecurrentDrafter, torch_dtype
 
 H = 4  # target hidden size
 V = 11  # target vocab
@@ -315,3 +315,11 @@ def test_draft_dtype_resolution():
         resolve_draft_dtype("bfloat16", f32, bf16, True)
     with pytest.raises(ValueError, match="draft_dtype must be"):
         resolve_draft_dtype("fp8", f32, bf16, False)
+
+
+def test_dtype_names_are_one_map():
+    assert torch_dtype("bfloat16") is torch.bfloat16
+    assert torch_dtype("float32") is torch.float32
+    with pytest.raises(ValueError, match=r"unknown dtype 'bf16': use one of bfloat16, "
+                                         r"float16, float32"):
+        torch_dtype("bf16")

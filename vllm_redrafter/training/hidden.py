@@ -33,13 +33,12 @@ from pathlib import Path
 
 import torch
 
+from vllm_redrafter.drafter import torch_dtype
 from vllm_redrafter.logger import get_logger
 from vllm_redrafter.training.data import load_generations
 
 logger = get_logger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
 
 def load_target(target: str | Path, dtype: torch.dtype = torch.bfloat16):
@@ -182,13 +181,13 @@ def extract_hidden_states(target: str | Path, generations: str | Path | list, ou
         def compute(seqs):
             return engine.rows(seqs, out_dtype)
     elif backend == "hf":
-        model = load_target(target, DTYPES[compute_dtype])
+        model = load_target(target, torch_dtype(compute_dtype))
 
         def compute(seqs):
             return hidden_rows(model, seqs, max_batch_tokens, out_dtype)
     else:
         raise ValueError(f"unknown hidden-state backend {backend!r} (vllm, hf)")
-    out_dtype = DTYPES[dtype]
+    out_dtype = torch_dtype(dtype)
     total = sum(len(gens[s * shard_size:(s + 1) * shard_size]) for s in todo)
     bar = tqdm(total=total, desc="hidden", unit="seq", file=sys.stderr, disable=not progress)
     n_tok = 0

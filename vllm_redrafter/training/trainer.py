@@ -531,8 +531,9 @@ def export(model, out_dir: Path, cfg: TrainConfig, target: str | Path,
     from vllm_redrafter.checkpoint import fingerprint_of_tokenizer, save_drafter
     from vllm_redrafter.config import ReDrafterOptions
 
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
-             "float32": torch.float32}[cfg.export_dtype]
+    from vllm_redrafter.drafter import torch_dtype
+
+    dtype = torch_dtype(cfg.export_dtype)
     return save_drafter(model, out_dir / "drafter", verifier=verifier_name or str(target),
                         options=ReDrafterOptions(beam_width=cfg.beam_width,
                                                  beam_length=cfg.num_steps + 1),
