@@ -593,9 +593,9 @@ class ReDrafterProposer:
 
     def _enable_int8(self, core: RecurrentDrafter, device: torch.device,
                      head_int8: bool) -> None:
-        """``draft_int8``: int8 copies of the drafter's own linear layers (``head_int8``:
-        whether the caller also kept the head in int8); says when they cannot take
-        effect."""
+        """``draft_int8``: int8 copies of the drafter's own linear layers
+        (``head_int8``: whether the caller also kept the head in int8); says when they
+        cannot take effect."""
         wrapped = quantize_drafter_linears(core)
         if device.type != "cpu" or self.draft_dtype != torch.bfloat16:
             logger.warning(
@@ -603,9 +603,9 @@ class ReDrafterProposer:
                 "runs in %s on %s, so they are never used (drop draft_int8, or serve "
                 "bfloat16 / use a drafter stored in bfloat16)", self.draft_dtype, device.type)
         else:
+            also = "and the head" if head_int8 else "(not the head: TP > 1 or a target head)"
             logger.info("draft_int8: %d linear layers %s also kept in int8 for batch-1 "
-                        "drafting steps", wrapped,
-                        "and the head" if head_int8 else "(not the head: TP > 1 or a target head)")
+                        "drafting steps", wrapped, also)
 
     def profile_run(self, num_reqs: int) -> None:
         """The drafter's peak working memory, inside vLLM's memory profiling: one beam

@@ -325,17 +325,18 @@ class DraftPolicy:
         return Decision(best, "rate", rates)
 
     def _warm_up(self, num_reqs: int) -> Decision:
-        """A full draft to measure acceptance and costs, unless such a step, verification
-        and drafting together, is estimated at more than ``warm_up_cost`` plain steps at
-        this batch (then none). One request always warms up: no smaller batch will come.
+        """A full draft to measure acceptance and costs, unless such a step,
+        verification and drafting together, is estimated at more than ``warm_up_cost``
+        plain steps at this batch (then none). One request always warms up: no smaller
+        batch will come.
 
         The drafting cost counts where the draft table can estimate it (after any
         drafting step; from one measured batch size it scales in proportion to the
         requests, which overestimates a batched beam search: the rule errs towards
         decoding plainly). Example (the README's CPU costs, float32): ``T(1) = 0.100``,
         ``T(5) = 0.110``, ``D(1, 4) = 0.020``: at 1 request 1.3x, warm up;
-        ``T(64) = 0.40``, ``T(320) = 1.90``: at 64 requests 4.75x before drafting, no draft.
-        In bfloat16 (recorded in-process, 2026-12-01) at 8 requests: ``T(8) = 0.034``,
+        ``T(64) = 0.40``, ``T(320) = 1.90``: at 64 requests 4.75x before drafting, no
+        draft. In bfloat16 (recorded in-process, 2026-12-01) at 8 requests: ``T(8) = 0.034``,
         ``T(40) = 0.064`` (1.9x: the target alone would warm up), ``D(8, 4) = 0.017``:
         2.4x, no draft.
         """

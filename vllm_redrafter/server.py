@@ -64,13 +64,13 @@ def wait_for_health(base: str, proc: subprocess.Popen, log_path: Path,
 
 
 def stop_process_group(proc: subprocess.Popen, grace: float = 60) -> None:
-    """Stop a server started with ``start_new_session=True``: SIGTERM its leader only, so
-    that ``vllm serve`` shuts its engine-core processes down itself, in order; then SIGKILL
-    whatever is left of the process group (or all of it after ``grace`` seconds).
+    """Stop a server started with ``start_new_session=True``: SIGTERM its leader only,
+    so that ``vllm serve`` shuts its engine-core processes down itself, in order; then
+    SIGKILL whatever is left of the process group (or all of it after ``grace`` seconds).
 
-    Signalling the whole group at once races: an engine core that exits on its own SIGTERM
-    before the API server starts its shutdown makes the server log ``EngineDeadError`` with a
-    traceback, although nothing went wrong.
+    Signalling the whole group at once races: an engine core that exits on its own
+    SIGTERM before the API server starts its shutdown makes the server log
+    ``EngineDeadError`` with a traceback, although nothing went wrong.
     """
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

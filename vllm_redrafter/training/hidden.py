@@ -40,7 +40,6 @@ from vllm_redrafter.training.data import load_generations
 logger = get_logger(__name__)
 
 
-
 def load_target(target: str | Path, dtype: torch.dtype = torch.bfloat16):
     """The target (transformers causal LM) in eval mode, frozen."""
     from transformers import AutoModelForCausalLM

@@ -530,7 +530,6 @@ def export(model, out_dir: Path, cfg: TrainConfig, target: str | Path,
     tokenizer's fingerprint when the target has a tokenizer)."""
     from vllm_redrafter.checkpoint import fingerprint_of_tokenizer, save_drafter
     from vllm_redrafter.config import ReDrafterOptions
-
     from vllm_redrafter.drafter import torch_dtype
 
     dtype = torch_dtype(cfg.export_dtype)
