@@ -20,6 +20,8 @@ import sys
 
 import pytest
 
+from vllm_redrafter.server import server_log_problems
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CLIENTS = int(os.environ.get("REDRAFTER_LOAD_CLIENTS", "16"))
@@ -46,4 +48,5 @@ def test_load_with_disconnects_and_aborts(demo_target_dir, tmp_path):
         assert row["state"]["num_requests_running"] == 0
     assert redrafter["aborted"] >= 1  # an abort really happened mid-generation
     log = (out / "redrafter.log").read_text()
-    assert "ReDrafter speculative decoding" in log and "Traceback" not in log
+    assert "ReDrafter speculative decoding" in log
+    assert server_log_problems(log) == [], log[-20_000:]

@@ -65,7 +65,7 @@ def _serve_args(args: argparse.Namespace, spec: dict[str, Any] | None) -> list[s
 
 def _one_server(args, target, spec, prompts, logs: Path, reference=None) -> dict[str, Any]:
     from vllm_redrafter.bench import load_test as lt
-    from vllm_redrafter.server import LocalServer
+    from vllm_redrafter.server import LocalServer, server_log_problems
 
     name = "none" if spec is None else "redrafter"
     plan = lt.plan_requests(prompts, args.clients, args.lengths)
@@ -84,8 +84,7 @@ def _one_server(args, target, spec, prompts, logs: Path, reference=None) -> dict
     if state["health"] != 200 or state["num_requests_running"] or \
             state["num_requests_waiting"]:
         problems.append(f"server state after the load: {state}")
-    if "Traceback" in log or "EngineDeadError" in log:
-        problems.append("the server log has a traceback")
+    problems += [f"server log: {problem}" for problem in server_log_problems(log)]
     row = {"config": name, **lt.summarize(results, wall), "state": state,
            "problems": problems}
     return {"row": row, "reference": reference}
