@@ -75,8 +75,14 @@ def generate_responses(target: str | Path, prompts: str | Path, out_dir: str | P
                        shuffle_seed: int | None = None, chunk_size: int = 256,
                        max_num_seqs: int = 128, max_prompt_tokens: int = 768,
                        dtype: str = "auto", max_num_batched_tokens: int | None = None,
+                       second_turn_of: str | Path | None = None,
                        progress: bool = True) -> Path:
     """Generate responses for every prompt not yet in ``out_dir/generations.jsonl``.
+
+    With ``second_turn_of`` (a ``generate`` output for the same prompts), each prompt is
+    that run's first turn and finished answer plus a follow-up user turn
+    (:mod:`~vllm_redrafter.training.followups`); prompts whose first answer hit the length
+    cap are left out.
 
     Work is done in chunks of ``chunk_size`` prompts, each appended (and flushed) when complete,
     so an interrupted run resumes where it stopped. Returns the generations file.
@@ -88,12 +94,18 @@ def generate_responses(target: str | Path, prompts: str | Path, out_dir: str | P
     out_path = out_dir / "generations.jsonl"
     _truncate_torn_tail(out_path)
     records = load_prompts(prompts, limit=limit, offset=offset, shuffle_seed=shuffle_seed)
+    if second_turn_of is not None:
+        from vllm_redrafter.training.followups import load_second_turn_records
+
+        records = load_second_turn_records(prompts, second_turn_of, target,
+                                           [r.id for r in records])
     finished = done_ids(out_path)
     todo = [r for r in records if r.id not in finished]
     meta = {"target": str(target), "prompts": str(prompts), "max_tokens": max_tokens,
             "temperature": temperature, "seed": seed, "limit": limit, "offset": offset,
             "shuffle_seed": shuffle_seed,
-            "max_prompt_tokens": max_prompt_tokens, "dtype": dtype}
+            "max_prompt_tokens": max_prompt_tokens, "dtype": dtype,
+            "second_turn_of": None if second_turn_of is None else str(second_turn_of)}
     (out_dir / "generate_meta.json").write_text(json.dumps(meta, indent=2))
     logger.info("generate: %d prompts, %d already done, %d to go -> %s",
                 len(records), len(records) - len(todo), len(todo), out_path)

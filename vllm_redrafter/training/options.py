@@ -48,6 +48,10 @@ class TrainConfig(BaseModel):
         "drafter", "--head", "drafter",
         "output head: the drafter's own Linear(E, Vd), or a learned Linear(E, H) in front of "
         "the target's frozen head")
+    init_from: str | None = _opt(
+        None, "--init-from", "drafter",
+        "fine-tune: start from this exported drafter's weights and draft vocabulary (its "
+        "--layers/--exit-dim/--rnn/--head/--draft-vocab must be the ones given)")
     # optimisation
     soft_weight: float = _opt(
         0.0, "--soft-weight", "optimisation",

@@ -257,9 +257,11 @@ class DataPlan:
 
 
 def plan_data(train_data: RowSet, cfg: TrainConfig, vocab_size: int, eos: Any,
-              extra_eval: dict[str, RowSet]) -> DataPlan:
+              extra_eval: dict[str, RowSet],
+              fixed_vocab: tuple[list[int] | None] | None = None) -> DataPlan:
     """Held-out sequences, training rows and the draft vocabulary (most frequent tokens of
-    the training responses, plus EOS), with the vocabulary's coverage of every set."""
+    the training responses, plus EOS; or ``fixed_vocab[0]`` when given, as when
+    fine-tuning a drafter), with the vocabulary's coverage of every set."""
     from vllm_redrafter.training.vocab import (choose_draft_vocab, coverage, target_to_draft,
                                                token_counts)
 
@@ -268,7 +270,8 @@ def plan_data(train_data: RowSet, cfg: TrainConfig, vocab_size: int, eos: Any,
     held_rows = train_data.rows_of(held_seq)
     counts = token_counts(train_data.tokens[(~held_seq)[train_data.seq]], vocab_size)  # [V]
     always = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
-    draft_vocab = choose_draft_vocab(counts, cfg.draft_vocab_size, always=always)
+    draft_vocab = (fixed_vocab[0] if fixed_vocab is not None
+                   else choose_draft_vocab(counts, cfg.draft_vocab_size, always=always))
     cov = {"train": coverage(counts, draft_vocab)}
     if held_rows.numel():
         cov["heldout"] = coverage(
@@ -304,6 +307,34 @@ def build_model(cfg: TrainConfig, target: str | Path, embed_table: torch.Tensor,
             target_head = target_head[torch.tensor(draft_vocab)]  # [Vd, H]
         head_rows = target_head.to(torch.bfloat16 if cfg.amp else torch.float32)
     return model, head_rows
+
+
+def load_init_drafter(cfg: TrainConfig, hidden_size: int, vocab_size: int):
+    """The exported drafter ``cfg.init_from`` (float32) after checking that it is the
+    architecture the other options describe; raises ``ValueError`` naming each mismatch
+    and the flag that fixes it.
+
+    Example: a drafter exported with ``--layers 2 --draft-vocab 8192`` fine-tunes with
+    ``--init-from DIR --layers 2 --draft-vocab 8192``; ``--layers 1`` is refused.
+    """
+    from vllm_redrafter.checkpoint import load_drafter
+
+    init = load_drafter(cfg.init_from, dtype=torch.float32)
+    have = init.config
+    want = {"--layers": (cfg.num_layers, have.num_draft_layers),
+            "--exit-dim": (cfg.exit_dim or 2 * hidden_size, have.exit_dim),
+            "--rnn/--no-rnn": (cfg.rnn, have.rnn), "--head": (cfg.head, have.head),
+            "--draft-vocab": (cfg.draft_vocab_size,
+                              None if have.draft_vocab is None else len(have.draft_vocab))}
+    wrong = [f"{flag} {mine} (the drafter has {theirs})"
+             for flag, (mine, theirs) in want.items() if mine != theirs]
+    if (have.hidden_size, have.vocab_size) != (hidden_size, vocab_size):
+        wrong.append(f"target hidden/vocab {hidden_size}/{vocab_size} (the drafter was "
+                     f"trained for {have.hidden_size}/{have.vocab_size}: another target)")
+    if wrong:
+        raise ValueError(f"--init-from {cfg.init_from}: options do not match the drafter: "
+                         + "; ".join(wrong) + ". Pass the drafter's values.")
+    return init
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -399,8 +430,12 @@ def train_drafter(target: str | Path, train_data: RowSet, out_dir: str | Path, c
     if train_data.hidden.shape[1] != hidden_size:
         raise ValueError(f"hidden states have width {train_data.hidden.shape[1]}, target "
                          f"embeddings {hidden_size}")
-    plan = plan_data(train_data, cfg, vocab_size, tcfg.get("eos_token_id"), extra_eval)
+    init = load_init_drafter(cfg, hidden_size, vocab_size) if cfg.init_from else None
+    plan = plan_data(train_data, cfg, vocab_size, tcfg.get("eos_token_id"), extra_eval,
+                     fixed_vocab=None if init is None else (init.config.draft_vocab,))
     model, head_rows = build_model(cfg, target, embed_table, plan.draft_vocab)
+    if init is not None:  # same architecture, checked (a bound target head is not state)
+        model.load_state_dict(init.state_dict(), strict=True)
     model.train()
     opt = build_optimizer(model, cfg)
     steps_per_epoch = max(1, math.ceil(plan.train_rows.numel() / cfg.batch_tokens))
