@@ -35,10 +35,13 @@ def test_records_continue_finished_answers_with_the_follow_up():
     gens = [{"id": "a", "token_ids": [5, 6, 7, 2], "finished": True},
             {"id": "b", "token_ids": [5, 6, 8, 9], "finished": False},  # hit the cap
             {"id": "c", "token_ids": [5, 2], "finished": True}]
-    records = second_turn_records(gens, ["c", "b", "a", "z"], {"a": "Why?"}, _chatml,
-                                  _encode, eos_id=2, eos_text=EOS)
-    assert [r.id for r in records] == ["c", "a"]  # wanted order; b cut, z never generated
-    assert records[1].token_ids == [5, 6, 7, 2] + _encode("\n<user>Why?<end>\n<assistant>")
+    records = second_turn_records(gens, ["c", "b", "a", "z"], {"a": "Why?", "b": "Go on."},
+                                  _chatml, _encode, eos_id=2, eos_text=EOS)
+    assert [r.id for r in records] == ["c", "b", "a"]  # wanted order; z never generated
+    assert records[2].token_ids == [5, 6, 7, 2] + _encode("\n<user>Why?<end>\n<assistant>")
+    # the cut answer is closed with EOS (once), as the template would close it
+    assert records[1].token_ids == [5, 6, 8, 9, 2] + _encode(
+        "\n<user>Go on.<end>\n<assistant>")
     follow = pick_follow_up("c")
     assert follow in FOLLOW_UPS and follow == pick_follow_up("c")  # stable
     assert records[0].token_ids == [5, 2] + _encode(f"\n<user>{follow}<end>\n<assistant>")

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip prompts longer than this (after the chat template)")
     parser.add_argument("--dtype", default="auto", help="vLLM dtype (auto, bfloat16, float32)")
     parser.add_argument("--second-turn-of", default=None, metavar="DIR",
-                        help="second turns: continue each prompt's finished first answer "
+                        help="second turns: continue each prompt's first answer "
                              "in DIR (a generate output for the same prompts) with a "
                              "follow-up (the record's second turn, else a built-in one)")
     parser.add_argument("--no-progress", action="store_true")

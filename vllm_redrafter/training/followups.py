@@ -13,7 +13,8 @@ The follow-up of a record is its own second turn when the prompts file has one (
 Example (SmolLM2's template): first-turn ids ``<|im_start|>system ... <|im_start|>assistant\\n``
 + response ids ending in ``<|im_end|>`` become ``... <|im_end|>`` + ids of
 ``"\\n<|im_start|>user\\nShorten your answer to two sentences.<|im_end|>\\n<|im_start|>assistant
-\\n"``; a first response cut at the length cap (no ``<|im_end|>``) gives no second turn.
+\\n"``. A first response cut at the length cap is closed with ``<|im_end|>`` first, as a chat
+client that sends the cut answer back in the conversation would have the template do.
 """
 
 from __future__ import annotations
@@ -113,19 +114,21 @@ def read_second_turns(prompts: str | Path) -> dict[str, str]:
 def second_turn_records(first_turns: Iterable[dict], wanted_ids: Iterable[str],
                         second_turns: dict[str, str], render: Render, encode: Encode,
                         eos_id: int, eos_text: str) -> list[PromptRecord]:
-    """Second-turn prompts (token ids) for each id of ``wanted_ids`` whose first-turn
-    generation (``{"id", "token_ids", "finished"}``) ended with ``eos_id``; in
-    ``wanted_ids`` order."""
+    """Second-turn prompts (token ids) for each id of ``wanted_ids`` that has a first-turn
+    generation (``{"id", "token_ids", ...}``), in ``wanted_ids`` order; an answer that does
+    not end with ``eos_id`` (cut at the length cap) is closed with it."""
     before, after = template_glue(render, eos_text)
     by_id = {str(g["id"]): g for g in first_turns}
     out = []
     for rid in wanted_ids:
         gen = by_id.get(rid)
-        if gen is None or not gen.get("finished") or not gen["token_ids"] or \
-                gen["token_ids"][-1] != eos_id:
-            continue  # no first answer, or one cut at the length cap
+        if gen is None or not gen["token_ids"]:
+            continue  # never generated
+        ids = list(gen["token_ids"])
+        if ids[-1] != eos_id:
+            ids.append(eos_id)
         follow = second_turns.get(rid) or pick_follow_up(rid)
-        ids = list(gen["token_ids"]) + encode(before + follow + after)
+        ids += encode(before + follow + after)
         out.append(PromptRecord(rid, token_ids=ids))
     return out
 

@@ -81,8 +81,8 @@ def generate_responses(target: str | Path, prompts: str | Path, out_dir: str | P
 
     With ``second_turn_of`` (a ``generate`` output for the same prompts), each prompt is
     that run's first turn and finished answer plus a follow-up user turn
-    (:mod:`~vllm_redrafter.training.followups`); prompts whose first answer hit the length
-    cap are left out.
+    (:mod:`~vllm_redrafter.training.followups`); a first answer cut at the length cap is
+    closed with the end-of-turn token, as a chat client sending it back would.
 
     Work is done in chunks of ``chunk_size`` prompts, each appended (and flushed) when complete,
     so an interrupted run resumes where it stopped. Returns the generations file.
