@@ -75,3 +75,19 @@ def test_generate_then_train(tiny_llama_dir, tmp_path):
     assert drafter.config.hidden_size == 256 and drafter.config.vocab_size == 4096
     assert drafter.config.draft_vocab_size == 256
     assert (run_dir / "curves.png").is_file()
+
+
+def test_sampled_generation_with_chunked_prefill(tiny_llama_dir, tmp_path):
+    """Sampled responses (``--temperature``) to prompts longer than the step's token
+    budget, so that their prefill is chunked: vLLM 0.32 on CPU crashed on exactly this
+    when each request carried its own seed; ``generate`` seeds the engine instead."""
+    rng = random.Random(1)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(
+        json.dumps({"prompt": [rng.randrange(3, 4096) for _ in range(300)]}) + "\n"
+        for _ in range(4)))
+    out = _cli("generate", "--target", str(tiny_llama_dir), "--prompts", str(prompts),
+               "--out", str(tmp_path / "gen"), "--max-tokens", "16", "--temperature", "0.8",
+               "--seed", "1", "--max-num-batched-tokens", "128", "--no-progress")
+    gens = [json.loads(line) for line in Path(_result_lines(out)[-1]).read_text().splitlines()]
+    assert len(gens) == 4 and all(len(g["token_ids"]) > g["prompt_len"] for g in gens)

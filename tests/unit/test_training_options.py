@@ -30,11 +30,13 @@ def test_every_field_has_a_flag_and_defaults_round_trip():
 def test_flags_set_the_fields():
     args = _parser().parse_args(BASE + [
         "--steps", "3", "--draft-vocab", "full", "--head", "target", "--soft-weight", "0.5",
-        "--no-amp", "--no-rnn", "--time-budget", "12.5", "--exit-dim", "64"])
+        "--no-amp", "--no-rnn", "--time-budget", "12.5", "--exit-dim", "64",
+        "--init-from", "runs/a/drafter"])
     cfg = config_from_args(args)
     assert (cfg.num_steps, cfg.draft_vocab_size, cfg.head, cfg.soft_weight) == (
         3, None, "target", 0.5)
     assert (cfg.amp, cfg.rnn, cfg.time_budget_min, cfg.exit_dim) == (False, False, 12.5, 64)
+    assert cfg.init_from == "runs/a/drafter"  # a path stays a string
 
 
 def test_bad_values_name_the_field():

@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=768,
                         help="skip prompts longer than this (after the chat template)")
     parser.add_argument("--dtype", default="auto", help="vLLM dtype (auto, bfloat16, float32)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="vLLM token budget per step (longer prefills are chunked)")
     parser.add_argument("--second-turn-of", default=None, metavar="DIR",
                         help="second turns: continue each prompt's first answer "
                              "in DIR (a generate output for the same prompts) with a "
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, seed=args.seed, limit=args.limit, offset=args.offset,
         shuffle_seed=args.shuffle_seed, chunk_size=args.chunk_size,
         max_num_seqs=args.max_num_seqs, max_prompt_tokens=args.max_prompt_tokens,
-        dtype=args.dtype, second_turn_of=args.second_turn_of,
+        dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
+        second_turn_of=args.second_turn_of,
         progress=not args.no_progress)
     print(path)
     return 0

@@ -136,7 +136,10 @@ def generate_responses(target: str | Path, prompts: str | Path, out_dir: str | P
     if max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = max_num_batched_tokens
     llm = LLM(**kwargs)
-    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed,
+    # No per-request seed: vLLM 0.32 on CPU crashes on seeded requests whose prefill is
+    # chunked (the generator rewind in _bookkeeping_sync); the engine's seed (LLM(seed=))
+    # makes a run reproducible for the same prompts and batch composition instead.
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens,
                             detokenize=False)
 
     n_gen = 0

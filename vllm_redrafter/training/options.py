@@ -114,6 +114,8 @@ def _argparse_kwargs(annotation: Any, default: Any) -> dict[str, Any]:
         return {"choices": list(typing.get_args(annotation))}
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if inner == [str]:
+            return {"type": str}
         return {"type": _none_or_int if inner == [int] else _none_or_float}
     return {"type": annotation}
 
