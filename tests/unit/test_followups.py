@@ -10,9 +10,9 @@ import json
 
 import pytest
 
+from vllm_redrafter.training.data import PromptRecord, load_prompts
 from vllm_redrafter.training.followups import (FOLLOW_UPS, pick_follow_up,
-                                               read_second_turns, second_turn_records,
-                                               template_glue)
+                                               second_turn_records, template_glue)
 
 EOS = "<end>"
 
@@ -35,8 +35,9 @@ def test_records_continue_finished_answers_with_the_follow_up():
     gens = [{"id": "a", "token_ids": [5, 6, 7, 2], "finished": True},
             {"id": "b", "token_ids": [5, 6, 8, 9], "finished": False},  # hit the cap
             {"id": "c", "token_ids": [5, 2], "finished": True}]
-    records = second_turn_records(gens, ["c", "b", "a", "z"], {"a": "Why?", "b": "Go on."},
-                                  _chatml, _encode, eos_id=2, eos_text=EOS)
+    wanted = [PromptRecord("c"), PromptRecord("b", follow_up="Go on."),
+              PromptRecord("a", follow_up="Why?"), PromptRecord("z")]
+    records = second_turn_records(gens, wanted, _chatml, _encode, eos_id=2, eos_text=EOS)
     assert [r.id for r in records] == ["c", "b", "a"]  # wanted order; z never generated
     assert records[2].token_ids == [5, 6, 7, 2] + _encode("\n<user>Why?<end>\n<assistant>")
     # the cut answer is closed with EOS (once), as the template would close it
@@ -65,14 +66,17 @@ def test_a_template_that_rewrites_earlier_turns_is_refused():
         template_glue(forgetful, EOS)
 
 
-def test_second_turns_are_read_with_load_prompts_ids(tmp_path):
+def test_load_prompts_keeps_the_second_turn_as_the_follow_up(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(json.dumps(o) for o in [
         {"question_id": 81, "turns": ["Write.", "Rewrite it."]},
         {"prompt": "Hello"},
         {"turns": ["Only one"]},
         {"turns": ["One", "Two"]}]) + "\n")
-    assert read_second_turns(path) == {"81": "Rewrite it.", "3": "Two"}
+    records = load_prompts(path)
+    assert {r.id: r.follow_up for r in records} == {"81": "Rewrite it.", "1": None,
+                                                    "2": None, "3": "Two"}
+    assert records[0].messages == [{"role": "user", "content": "Write."}]
 
 
 @pytest.mark.time_limit(300)
@@ -91,7 +95,7 @@ def test_real_template_matches_the_decoded_conversation(demo_target_dir):
                                        add_generation_prompt=add_generation_prompt)
 
     [record] = second_turn_records(
-        gens, ["0"], {"0": "And another?"}, render,
+        gens, [PromptRecord("0", follow_up="And another?")], render,
         lambda t: tok(t, add_special_tokens=False)["input_ids"], tok.eos_token_id,
         tok.eos_token)
     whole = first + [{"role": "assistant", "content": "Blue."},

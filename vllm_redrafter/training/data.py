@@ -4,7 +4,8 @@
 Prompt files are JSONL; each line is one of
 - ``{"prompt": "text"}`` (one user turn) or ``{"prompt": [token ids]}`` (already tokenised,
   used as-is, no chat template: for targets without a tokenizer),
-- ``{"turns": ["first user turn", ...]}`` (MT-Bench style; only the first turn is used),
+- ``{"turns": ["first user turn", ...]}`` (MT-Bench style; the first turn is the prompt, the
+  second, if any, is kept as the record's ``follow_up`` for second-turn generation),
 - ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}`` (ShareGPT style;
   the conversation up to and including its last human turn is used, so the target answers it),
 - ``{"messages": [{"role": ..., "content": ...}, ...]}`` (OpenAI style, same rule).
@@ -30,11 +31,13 @@ _ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "
 
 @dataclass
 class PromptRecord:
-    """One prompt: either chat ``messages`` (to render with the chat template) or token ids."""
+    """One prompt: either chat ``messages`` (to render with the chat template) or token ids;
+    ``follow_up``: the record's own second user turn, if the file gives one."""
 
     id: str
     messages: list[dict] | None = None
     token_ids: list[int] | None = None
+    follow_up: str | None = None
 
 
 def _messages_until_last_user(messages: list[dict]) -> list[dict]:
@@ -55,7 +58,9 @@ def parse_prompt_record(obj: dict, default_id: str) -> PromptRecord:
             return PromptRecord(rid, token_ids=[int(t) for t in p])
         return PromptRecord(rid, messages=[{"role": "user", "content": str(p)}])
     if "turns" in obj:
-        return PromptRecord(rid, messages=[{"role": "user", "content": str(obj["turns"][0])}])
+        turns = obj["turns"]
+        return PromptRecord(rid, messages=[{"role": "user", "content": str(turns[0])}],
+                            follow_up=str(turns[1]) if len(turns) >= 2 else None)
     if "conversations" in obj:
         msgs = []
         for turn in obj["conversations"]:

@@ -19,7 +19,6 @@ client that sends the cut answer back in the conversation would have the templat
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -95,49 +94,33 @@ def template_glue(render: Render, eos_text: str) -> tuple[str, str]:
     return end_of_answer[len(eos_text):] + added[:cut], added[cut + len(follow):]
 
 
-def read_second_turns(prompts: str | Path) -> dict[str, str]:
-    """``{record id: its second user turn}`` for the records of a prompts file that have
-    one (``{"turns": [...]}`` with two or more turns); ids as :func:`load_prompts` gives."""
-    out: dict[str, str] = {}
-    lineno = -1
-    for line in Path(prompts).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        lineno += 1
-        obj = json.loads(line)
-        turns = obj.get("turns")
-        if isinstance(turns, list) and len(turns) >= 2:
-            out[str(obj.get("id", obj.get("question_id", lineno)))] = str(turns[1])
-    return out
-
-
-def second_turn_records(first_turns: Iterable[dict], wanted_ids: Iterable[str],
-                        second_turns: dict[str, str], render: Render, encode: Encode,
-                        eos_id: int, eos_text: str) -> list[PromptRecord]:
-    """Second-turn prompts (token ids) for each id of ``wanted_ids`` that has a first-turn
-    generation (``{"id", "token_ids", ...}``), in ``wanted_ids`` order; an answer that does
-    not end with ``eos_id`` (cut at the length cap) is closed with it."""
+def second_turn_records(first_turns: Iterable[dict], records: Iterable[PromptRecord],
+                        render: Render, encode: Encode, eos_id: int, eos_text: str
+                        ) -> list[PromptRecord]:
+    """Second-turn prompts (token ids) for each of ``records`` that has a first-turn
+    generation (``{"id", "token_ids", ...}``), in ``records`` order; the follow-up is the
+    record's own ``follow_up`` or :func:`pick_follow_up`; an answer that does not end with
+    ``eos_id`` (cut at the length cap) is closed with it."""
     before, after = template_glue(render, eos_text)
     by_id = {str(g["id"]): g for g in first_turns}
     out = []
-    for rid in wanted_ids:
-        gen = by_id.get(rid)
+    for record in records:
+        gen = by_id.get(record.id)
         if gen is None or not gen["token_ids"]:
             continue  # never generated
         ids = list(gen["token_ids"])
         if ids[-1] != eos_id:
             ids.append(eos_id)
-        follow = second_turns.get(rid) or pick_follow_up(rid)
+        follow = record.follow_up or pick_follow_up(record.id)
         ids += encode(before + follow + after)
-        out.append(PromptRecord(rid, token_ids=ids))
+        out.append(PromptRecord(record.id, token_ids=ids))
     return out
 
 
-def load_second_turn_records(prompts: str | Path, first_dir: str | Path,
-                             target: str | Path, wanted_ids: Iterable[str]
-                             ) -> list[PromptRecord]:
-    """:func:`second_turn_records` with the target's tokenizer and chat template, the
-    first turns from ``first_dir/generations.jsonl`` and follow-ups from ``prompts``."""
+def load_second_turn_records(records: Iterable[PromptRecord], first_dir: str | Path,
+                             target: str | Path) -> list[PromptRecord]:
+    """:func:`second_turn_records` with the target's tokenizer and chat template and the
+    first turns from ``first_dir/generations.jsonl``."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(target))
@@ -157,6 +140,5 @@ def load_second_turn_records(prompts: str | Path, first_dir: str | Path,
     def encode(text: str) -> list[int]:
         return tok(text, add_special_tokens=False)["input_ids"]
 
-    return second_turn_records(iter_generations(first), wanted_ids,
-                               read_second_turns(prompts), render, encode,
+    return second_turn_records(iter_generations(first), records, render, encode,
                                tok.eos_token_id, tok.eos_token)

@@ -97,8 +97,7 @@ def generate_responses(target: str | Path, prompts: str | Path, out_dir: str | P
     if second_turn_of is not None:
         from vllm_redrafter.training.followups import load_second_turn_records
 
-        records = load_second_turn_records(prompts, second_turn_of, target,
-                                           [r.id for r in records])
+        records = load_second_turn_records(records, second_turn_of, target)
     finished = done_ids(out_path)
     todo = [r for r in records if r.id not in finished]
     meta = {"target": str(target), "prompts": str(prompts), "max_tokens": max_tokens,
