@@ -103,18 +103,20 @@ def server_log_problems(log: str) -> list[str]:
     That race (vLLM issue #48745, fix proposed in vLLM PR #49000): ``AsyncLLM.shutdown``
     stops the engine core before it cancels its output handler, so the handler may log
     ``AsyncLLM output_handler failed.`` with an ``EngineDeadError`` traceback although the
-    shutdown is orderly. Only that record, ending in ``EngineDeadError`` and chaining no
-    other exception, is let through; remove the exception when vLLM ships the fix.
+    shutdown is orderly. Only that record, ending in ``EngineDeadError``, is let through
+    (in a chained traceback each ``Traceback`` is a block of its own, and the later ones
+    do not follow that message, so chaining is reported); remove the exception when vLLM
+    ships the fix.
 
     Example: a log whose only traceback is ``... [async_llm.py:906] AsyncLLM output_handler
     failed.`` / ``... Traceback (most recent call last):`` / ``...`` / ``... EngineDeadError:
     ...`` after ``[shutdown] API server: shutdown triggered`` gives ``[]``; the same record
     before that line gives one problem.
     """
-    before, marked, after = log.partition(SHUTDOWN_MARK)
-    problems = [f"a traceback while serving: {_first_line(block)}"
+    before, _, after = log.partition(SHUTDOWN_MARK)
+    problems = [f"a traceback while serving: {_exception_line(block)}"
                 for block in _traceback_blocks(before)]
-    problems += [f"a traceback during shutdown: {_first_line(block)}"
+    problems += [f"a traceback during shutdown: {_exception_line(block)}"
                  for block in _traceback_blocks(after) if not _is_shutdown_race(block)]
     if "EngineDeadError" in before:
         problems.append("EngineDeadError while serving")
@@ -124,8 +126,8 @@ def server_log_problems(log: str) -> list[str]:
 def _traceback_blocks(text: str) -> list[list[str]]:
     """Each traceback in ``text`` as its lines: the log record's message line before
     ``Traceback (most recent call last):``, then every line up to the exception line (the
-    first unindented line after the frames, log prefixes such as ``(APIServer pid=1) ERROR
-    12-01 14:34:37 [async_llm.py:906] `` stripped for that test)."""
+    first non-blank unindented line after the frames, log prefixes such as ``(APIServer
+    pid=1) ERROR 12-01 14:34:37 [async_llm.py:906] `` stripped for that test)."""
     lines = text.splitlines()
     blocks = []
     for i, line in enumerate(lines):
@@ -136,8 +138,7 @@ def _traceback_blocks(text: str) -> list[list[str]]:
         for follow in lines[i + 1:]:
             block.append(follow)
             body = follow[len(prefix):] if follow.startswith(prefix) else follow
-            if body and not body[0].isspace() and not body.startswith("During handling") \
-                    and not body.startswith("The above exception"):
+            if body and not body[0].isspace():
                 break
         blocks.append(block)
     return blocks
@@ -145,14 +146,12 @@ def _traceback_blocks(text: str) -> list[list[str]]:
 
 def _is_shutdown_race(block: list[str]) -> bool:
     """Whether ``block`` is vLLM's spurious output-handler ``EngineDeadError`` record."""
-    chained = any("During handling" in line or "The above exception" in line
-                  for line in block)
-    return (_SHUTDOWN_RACE in block[0] and "EngineDeadError" in block[-1]
-            and not chained)
+    return _SHUTDOWN_RACE in block[0] and "EngineDeadError" in block[-1]
 
 
-def _first_line(block: list[str]) -> str:
-    return (block[-1] if block else "").strip()[-300:]
+def _exception_line(block: list[str]) -> str:
+    """The block's last line (the exception, or the end of a truncated log), shortened."""
+    return block[-1].strip()[-300:]
 
 
 def _tail(path: Path, chars: int = 4000) -> str:

@@ -88,3 +88,16 @@ def test_a_plain_unprefixed_traceback_is_found():
                      "    g()", "RuntimeError: boom"])
     problems = server_log_problems(_log(_SERVING, raw, _SHUTDOWN))
     assert problems == ["a traceback while serving: RuntimeError: boom"]
+
+
+def test_a_race_record_chained_to_another_exception_is_a_problem():
+    # The handler's EngineDeadError raised while handling a real error: the first
+    # traceback ends in that error, the chained one does not follow the handler's
+    # message; both are reported.
+    first = _RACE.splitlines()[:3] + [_P + "KeyError: 'req-3'", _P,
+                                      _P + "During handling of the above exception, "
+                                           "another exception occurred:", _P]
+    chained = "\n".join(first + _RACE.splitlines()[1:])
+    problems = server_log_problems(_log(_SERVING, _SHUTDOWN, chained, _AFTER))
+    assert problems == ["a traceback during shutdown: " + _P.strip() + " KeyError: 'req-3'",
+                        "a traceback during shutdown: " + _RACE.splitlines()[-1].strip()]
