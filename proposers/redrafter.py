@@ -56,7 +56,9 @@ from vllm_redrafter.lookup import (
     Candidate,
     ContextIndex,
     SourceCounts,
+    cut_untrusted,
     fill_order,
+    lookup_depth,
     merge_branches,
     path_sources,
     trusted,
@@ -435,6 +437,13 @@ class ReDrafterProposer:
 
     lookup: LookupOptions | None = None
     """Context look-up branches joined with the beams (``lookup``, tree mode only)."""
+    lookup_policy: DraftPolicy | None = None
+    """With ``lookup.skip_beams_match``: the policy of the steps whose every request
+    has a trusted look-up continuation (no beam search): its own acceptance, tree sizes
+    and drafting cost, the target's step costs shared with :attr:`policy`."""
+    _drafted_by: DraftPolicy | None = None
+    """The policy that chose the last step's draft (fed that step's acceptance); None
+    before the first step (then :attr:`policy`)."""
 
     def __init__(self, vllm_config: Any) -> None:
         from vllm_redrafter import plugin
@@ -505,6 +514,7 @@ class ReDrafterProposer:
                   if self.tree_mode else None),
             adaptive=bool(self.options.adaptive))
         """Load-aware drafting: measured costs and acceptance, and the per-step choice."""
+        self.lookup_policy = self._make_lookup_policy()
         self._step_beam_length = self.options.beam_length
         """Beam length of the step being drafted (``length + 1`` of the policy's choice)."""
         self.profiled_batch = 0
@@ -607,6 +617,18 @@ class ReDrafterProposer:
             logger.info("draft_int8: %d linear layers %s also kept in int8 for batch-1 "
                         "drafting steps", wrapped, also)
 
+    def _make_lookup_policy(self) -> DraftPolicy | None:
+        """The look-up-only steps' policy (:attr:`lookup_policy`): its length is the
+        look-up branches' depth, up to ``lookup.trusted_depth`` (else ``L - 1``)."""
+        lookup = self.lookup
+        if lookup is None or lookup.skip_beams_match is None:
+            return None
+        depth = lookup_depth(self.options.num_draft_tokens, lookup.trusted_depth)
+        return DraftPolicy(
+            max_length=depth,
+            tree=TreeSizeTable(lookup.max_candidates, self.options.max_tree_drafts),
+            adaptive=bool(self.options.adaptive), target=self.policy.target)
+
     def profile_run(self, num_reqs: int) -> None:
         """The drafter's peak working memory, inside vLLM's memory profiling: one beam
         search at ``num_reqs`` (``max_num_seqs``) requests (hook ``runner-profile-drafter``)."""
@@ -704,24 +726,30 @@ class ReDrafterProposer:
         start = time.perf_counter()
         self._observe(step.costs)
         self._attribute(step)
-        length = self._draft_length(len(step.requests))
+        found = self._find_lookups(step)  # {row: candidates}, look-up mode, full depth
+        policy = self._policy_for(step, found)
+        self._drafted_by = policy
+        length = self._draft_length(len(step.requests), policy)
         if length == 0:  # not worth drafting this step: plain decoding
             self.draft_seconds += time.perf_counter() - start
             return Proposal()
         self._step_beam_length = length + 1
-        found = self._find_lookups(step, length)  # {row: candidates}, look-up mode
-        searched = not self._beams_not_needed(step, found, length)
+        found = self._cut_lookups(found, length, keep_trusted=policy is self.policy)
+        # the look-up policy's steps are look-up only (every request trusted at the full
+        # depth); the other policy's skip the search too where all are trusted at length
+        searched = (policy is self.policy
+                    and not self._beams_not_needed(step, found, length))
         if searched:
             proposal = self._proposal(step, self._beams(step, sample_hidden_states), found)
         else:
             proposal = self._lookup_only_proposal(step, found)
             self.beam_searches_skipped += 1
-        if proposal.trees and self.policy.tree is not None:
+        if proposal.trees and policy.tree is not None:
             sizes = [tree.num_nodes - 1 for tree in proposal.trees.values()]
-            self.policy.tree.observe(length, sum(sizes) / len(sizes))
+            policy.tree.observe(length, sum(sizes) / len(sizes))
         elapsed = time.perf_counter() - start
-        if searched:  # D(B, k) stays the beam search's cost (a skip is not a sample)
-            self.policy.draft.observe(len(step.requests), length, elapsed)
+        if searched == (policy is self.policy):  # D(B, k) of the step's own kind: the
+            policy.draft.observe(len(step.requests), length, elapsed)  # beam search's
         self.draft_seconds += elapsed
         self.num_proposals += len(step.requests)
         return proposal
@@ -749,7 +777,8 @@ class ReDrafterProposer:
         # node count)
         depth = self._step_beam_length - 1
         for drafted, accepted in costs.verified:
-            self.policy.acceptance.observe(min(drafted, depth), accepted)
+            (self._drafted_by or self.policy).acceptance.observe(min(drafted, depth),
+                                                                accepted)
 
     def _attribute(self, step: DraftStep) -> None:
         """Count the sources of the tree tokens accepted last step (look-up mode)."""
@@ -763,12 +792,24 @@ class ReDrafterProposer:
                     self.accepted_sources.add(path_sources(tree, sources, req.last_node))
         self._proposed = {}
 
-    def _draft_length(self, num_reqs: int) -> int:
-        """This step's draft length (0 = none). Under TP every rank uses rank 0's choice
-        (timings differ per rank; the beam search's collectives must not)."""
-        length = self.policy.choose(num_reqs).length
+    def _policy_for(self, step: DraftStep, found: dict[int, list[Candidate]]
+                    ) -> DraftPolicy:
+        """:attr:`lookup_policy` for a step whose every request has a trusted look-up
+        continuation at the full depth (its beam search will be skipped), else
+        :attr:`policy`. Look-up is deterministic: every TP rank picks the same one."""
+        full = self.options.num_draft_tokens
+        if self.lookup_policy is not None and self._beams_not_needed(step, found, full):
+            return self.lookup_policy
+        return self.policy
+
+    def _draft_length(self, num_reqs: int, policy: DraftPolicy | None = None) -> int:
+        """This step's draft length (0 = none) by ``policy`` (default :attr:`policy`).
+        Under TP every rank uses rank 0's choice (timings differ per rank; the beam
+        search's collectives must not)."""
+        policy = policy or self.policy
+        length = policy.choose(num_reqs).length
         tp = int(getattr(getattr(self.drafter, "lm_head", None), "tp_size", 1))
-        if tp > 1 and self.policy.adaptive:
+        if tp > 1 and policy.adaptive:
             from vllm.distributed import get_tp_group
 
             length = int(get_tp_group().broadcast_object(length, src=0))
@@ -779,6 +820,9 @@ class ReDrafterProposer:
         accepted tokens by source (``accepted_drafter`` / ``_lookup`` / ``_both``), read
         by the bench."""
         counters = self.policy.counters()
+        if self.lookup_policy is not None:  # both policies' steps
+            for key, value in self.lookup_policy.counters().items():
+                counters[key] += value
         if self.lookup is not None:
             counters.update({f"accepted_{k}": float(v)
                              for k, v in self.accepted_sources.as_dict().items()})
@@ -798,17 +842,35 @@ class ReDrafterProposer:
             torch.cuda.current_stream().synchronize()
         return out
 
-    def _find_lookups(self, step: DraftStep, depth: int) -> dict[int, list[Candidate]]:
-        """Look-up continuations (up to ``depth`` tokens) of every request a tree serves,
-        by its index in ``step.requests``; empty without look-up. The per-request indices
-        are brought up to date; requests not drafted this step lose theirs."""
+    def _find_lookups(self, step: DraftStep, depth: int | None = None
+                      ) -> dict[int, list[Candidate]]:
+        """Look-up continuations of every request a tree serves, by its index in
+        ``step.requests``, up to ``depth`` (default the tree's full depth ``L - 1``) or
+        ``lookup.trusted_depth`` where deeper (:meth:`_cut_lookups` cuts them to the
+        step's depth); empty without look-up. The per-request indices are brought up to
+        date; requests not drafted this step lose theirs."""
         if self.lookup is None:
             return {}
+        if depth is None:
+            depth = self.options.num_draft_tokens
+        depth = lookup_depth(depth, self.lookup.trusted_depth)
         indices: dict[str, ContextIndex] = {}
         found = {i: self._lookup_candidates(req, depth, indices)
                  for i, req in enumerate(step.requests) if req.tree_ok}
         self._indices = indices
         return found
+
+    def _cut_lookups(self, found: dict[int, list[Candidate]], depth: int,
+                     keep_trusted: bool) -> dict[int, list[Candidate]]:
+        """The continuations cut to this step's ``depth``; with ``keep_trusted`` and
+        ``lookup.trusted_depth`` the trusted ones keep their length (beside the beams).
+        A look-up-only step (:attr:`lookup_policy`) cuts all of them: its depth is the
+        look-up branches' own."""
+        if self.lookup is None:
+            return found
+        deep = keep_trusted and self.lookup.trusted_depth is not None
+        skip = self.lookup.skip_beams_match if deep else None
+        return {i: cut_untrusted(c, depth, skip) for i, c in found.items()}
 
     def _beams_not_needed(self, step: DraftStep, found: dict[int, list[Candidate]],
                           depth: int) -> bool:
@@ -849,7 +911,9 @@ class ReDrafterProposer:
             return proposal
         if self.lookup is not None:
             if found is None:  # not looked up before the search: look up at the beams' depth
-                found = self._find_lookups(step, beams.shape[2] - 1)
+                depth = beams.shape[2] - 1
+                found = self._cut_lookups(self._find_lookups(step, depth), depth,
+                                          keep_trusted=True)
             self._merge_lookups(step, beams, tree_rows, proposal, found)
             return proposal
         packed = build_tree(beams[tree_rows])
@@ -877,7 +941,8 @@ class ReDrafterProposer:
 
     def _lookup_candidates(self, req: DraftRequest, depth: int,
                            indices: dict[str, ContextIndex]) -> list:
-        """Look-up continuations of one request (its index brought up to date)."""
+        """Look-up continuations of one request (its index brought up to date), at most
+        ``depth`` tokens each."""
         assert self.lookup is not None
         history = req.history
         if history is None or len(history) == 0 or int(history[-1]) != req.init_token:

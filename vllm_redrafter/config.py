@@ -145,6 +145,11 @@ class LookupOptions(BaseModel):
             every request of the step has one, the drafter's beam search is skipped and
             the trees hold the look-up branches alone (``min_match``..``max_match``);
             None always runs the beam search.
+        trusted_depth: how long a trusted continuation (one that follows a match of at
+            least ``skip_beams_match`` tokens) may be, beyond the tree's depth ``L - 1``
+            (``L - 1``..64, within the node budget; needs ``skip_beams_match``). Text
+            copied from the context is often accepted far past the beams' depth; other
+            look-up branches stay at the tree's depth. None = the tree's depth.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -159,6 +164,9 @@ class LookupOptions(BaseModel):
                              description="Nodes added to the tree budget W*(L-1).")
     skip_beams_match: int | None = Field(
         default=None, description="Match length that skips the beam search (None = never).")
+    trusted_depth: int | None = Field(
+        default=None, ge=1, le=64,
+        description="Length of trusted continuations (None = the tree's depth).")
 
     @model_validator(mode="after")
     def _check_match_range(self) -> LookupOptions:
@@ -171,6 +179,11 @@ class LookupOptions(BaseModel):
             raise ValueError(
                 f"lookup.skip_beams_match={skip} must be in [min_match={self.min_match}, "
                 f"max_match={self.max_match}] (longer matches are never found), or null")
+        if self.trusted_depth is not None and skip is None:
+            raise ValueError(
+                f"lookup.trusted_depth={self.trusted_depth} applies to trusted "
+                "continuations: set lookup.skip_beams_match too (or drop "
+                "trusted_depth)")
         return self
 
 
@@ -253,6 +266,14 @@ class ReDrafterOptions(BaseModel):
             raise ValueError(
                 f"lookup.rank={self.lookup.rank} must be <= beam_width={self.beam_width} "
                 "(the beams placed before the look-up branches)")
+        deep = self.lookup.trusted_depth
+        depth, budget = self.beam_length - 1, self.max_tree_drafts
+        if deep is not None and not depth <= deep <= budget:
+            raise ValueError(
+                f"lookup.trusted_depth={deep} must be in [beam_length - 1 = {depth}, "
+                f"{budget}] (the tree's depth, the tree's node budget W*(L-1) + "
+                "extra_nodes): raise lookup.extra_nodes for longer trusted "
+                "continuations")
         return self
 
     @field_validator("beam_width", "beam_length")

@@ -38,7 +38,9 @@ from vllm_redrafter.config import LookupOptions
 from vllm_redrafter.lookup import (
     ContextIndex,
     SourceCounts,
+    cut_untrusted,
     fill_order,
+    lookup_depth,
     merge_branches,
     path_sources,
     trusted,
@@ -211,8 +213,8 @@ def lookup_walk(drafted: DraftedResponse, options: LookupOptions, budget: int
     of the beams and the look-up candidates in :func:`~vllm_redrafter.lookup.fill_order`
     under ``budget`` drafted nodes, exactly as the proposer builds it (the look-up
     branches alone where one is :func:`~vllm_redrafter.lookup.trusted`, as the proposer
-    does at batch 1); greedy acceptance descends the tree along the response's next
-    tokens.
+    does at batch 1; trusted continuations up to ``trusted_depth`` tokens); greedy
+    acceptance descends the tree along the response's next tokens.
 
     Returns:
         ``(stats, accepted tokens by source)``.
@@ -220,22 +222,24 @@ def lookup_walk(drafted: DraftedResponse, options: LookupOptions, budget: int
     sequence = drafted.sequence.tolist()
     beams = drafted.beams[:, :, 1:].tolist()  # [S][W][L-1]
     depth = drafted.beams.shape[2] - 1
+    deep = lookup_depth(depth, options.trusted_depth)  # trusted continuations' length
     index = ContextIndex(options.min_match, options.max_match)
     stats, sources = WalkStats(), SourceCounts()
     p = drafted.start
     while p <= drafted.end:
         index.sync(sequence[: p + 2])
-        found = index.candidates(options.max_candidates, depth)
+        found = cut_untrusted(index.candidates(options.max_candidates, deep), depth,
+                              options.skip_beams_match)
         if trusted(found, options.skip_beams_match, depth):  # the engine skips the search
             branches = fill_order([], found, 0)
             stats.skipped += 1
         else:
             branches = fill_order(beams[p - drafted.start], found, options.rank)
         tree, bits = merge_branches(sequence[p + 1], branches, budget)
-        node = _descend(tree, sequence[p + 2 : p + 2 + depth])
+        node = _descend(tree, sequence[p + 2 : p + 2 + deep])
         accepted = path_sources(tree, bits, node)
         sources.add(accepted)
-        stats.add(len(accepted), depth)
+        stats.add(len(accepted), deep)
         stats.nodes += tree.num_nodes - 1
         p += len(accepted) + 1
     return stats, sources

@@ -14,7 +14,9 @@ prefix tree under one node budget.
 - :meth:`ContextIndex.candidates`: continuations after earlier occurrences of the
   newest tokens, longest match first, most recent occurrence first, distinct.
 - :func:`trusted`: whether the best continuation is trusted enough that the drafter's
-  beam search can be skipped (option ``skip_beams_match``).
+  beam search can be skipped (option ``skip_beams_match``); :func:`lookup_depth` and
+  :func:`cut_untrusted`: trusted continuations may run deeper than the tree's depth
+  (option ``trusted_depth``), the others are cut to it.
 - :func:`fill_order` and :func:`merge_branches`: the explicit policy that picks which
   branches fill the node budget (beams ``0 .. rank-1``, then the look-up branches, then
   the remaining beams; every branch adds its new nodes until the budget is full) and the
@@ -147,6 +149,34 @@ def trusted(found: Sequence[Candidate], skip_match: int | None, depth: int) -> b
     """
     return (skip_match is not None and len(found) > 0 and found[0].match >= skip_match
             and len(found[0].tokens) >= depth)
+
+
+def lookup_depth(depth: int, trusted_depth: int | None) -> int:
+    """How far look-up continuations are read at a step of tree depth ``depth``: the
+    tree's depth, or ``trusted_depth`` where that is deeper (option ``trusted_depth``).
+
+    Example: ``lookup_depth(4, None) == 4``, ``lookup_depth(4, 8) == 8``,
+    ``lookup_depth(2, 8) == 8`` (a trusted continuation is as long at any depth).
+    """
+    return depth if trusted_depth is None else max(depth, trusted_depth)
+
+
+def cut_untrusted(found: Sequence[Candidate], depth: int, skip_match: int | None
+                  ) -> list[Candidate]:
+    """Continuations read past the tree's depth, with every one that is not trusted
+    (match shorter than ``skip_match``) cut back to ``depth`` tokens; trusted ones keep
+    their length (option ``trusted_depth``).
+
+    Example: ``[Candidate((1, 2, 3, 4, 5, 6), 3), Candidate((7, 8, 9, 1, 2, 3), 1)]``,
+    ``depth = 4``, ``skip_match = 3`` -> ``(1, 2, 3, 4, 5, 6)`` and ``(7, 8, 9, 1)``.
+    """
+    kept = []
+    for c in found:
+        if skip_match is not None and c.match >= skip_match:
+            kept.append(c)
+        else:
+            kept.append(Candidate(c.tokens[:depth], c.match))
+    return kept
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,10 @@ class ForcedLoadProposer(ReDrafterProposer):
         table = FixedCostTable()
         for n in (1, 4, 16, 64, 256):
             StepCostTable.observe(table, n, 0.01 * n)
-        self.policy.target = table
-        # warm up whatever it costs (by this table a full draft costs 5 plain steps, which
-        # would skip the warm-up): the test checks that drafting stops after it
-        self.policy.warm_up_cost = float("inf")
+        for policy in (self.policy, self.lookup_policy):  # (look-up-only steps' policy)
+            if policy is not None:
+                policy.target = table
+                # warm up whatever it costs (by this table a full draft costs 5 plain
+                # steps, which would skip the warm-up): the test checks that drafting
+                # stops after it
+                policy.warm_up_cost = float("inf")

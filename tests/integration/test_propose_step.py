@@ -18,7 +18,7 @@ from torch import nn
 from vllm_redrafter.beam_search import beam_search
 from vllm_redrafter.config import DrafterConfig
 from vllm_redrafter.drafter import RecurrentDrafter
-from vllm_redrafter.policy import DraftPolicy
+from vllm_redrafter.policy import Decision, DraftPolicy
 from vllm_redrafter.proposers.redrafter import ReDrafterProposer
 from vllm_redrafter.steps import DraftRequest, DraftStep
 from vllm_redrafter.tree import build_tree
@@ -109,12 +109,17 @@ def test_a_non_finite_context_row_is_refused_but_other_rows_are_not_read(hidden)
     assert proposer.propose_step(_step(), hidden).drafts["a"]
 
 
-def _lookup_proposer(skip: int | None) -> ReDrafterProposer:
+def _lookup_proposer(skip: int | None, trusted_depth: int | None = None
+                     ) -> ReDrafterProposer:
     from vllm_redrafter.config import LookupOptions
     from vllm_redrafter.lookup import SourceCounts
 
     proposer = _proposer(tree_mode=True)
-    proposer.lookup = LookupOptions(max_match=3, skip_beams_match=skip)
+    proposer.lookup = LookupOptions(max_match=3, skip_beams_match=skip,
+                                    trusted_depth=trusted_depth)
+    proposer.options.max_tree_drafts = WIDTH * (LENGTH - 1)
+    proposer.options.adaptive = False
+    proposer.lookup_policy = proposer._make_lookup_policy()
     proposer._indices, proposer._proposed = {}, {}
     proposer.accepted_sources, proposer.beam_searches_skipped = SourceCounts(), 0
     return proposer
@@ -150,3 +155,83 @@ def test_trusted_lookups_skip_the_beam_search(hidden):
     proposal = plain.propose_step(_repeating_step([5, 6, 7]), hidden)
     assert searched == [1, 2] and plain.beam_searches_skipped == 0
     assert len(proposal.drafts["a"]) > 3  # beams joined the tree
+
+
+def test_trusted_lookups_run_past_the_tree_depth_with_trusted_depth(hidden):
+    proposer = _lookup_proposer(skip=3, trusted_depth=6)
+    proposal = proposer.propose_step(_repeating_step([5, 6, 7]), hidden)
+    assert proposer.beam_searches_skipped == 1
+    # the continuations after the earlier "5 6 7" and "2 3 4", 6 tokens (depth is 3)
+    assert proposal.drafts["a"] == [8, 9, 10, 5, 6, 7]
+    assert proposal.drafts["c"] == [5, 6, 7, 2, 3, 4]
+    # an untrusted continuation (1-token match "10") is cut to the tree's depth, beside
+    # the beams
+    proposal = proposer.propose_step(_repeating_step([7, 1, 10]), hidden)
+    tree = proposal.trees["a"]
+    assert max(tree.depths) == LENGTH - 1 and proposer.beam_searches_skipped == 1
+    assert (5, 6, 7) in _paths(tree)  # "10" was followed by "5 6 7 8 ..." before
+    # negative control: without trusted_depth the trusted path stops at the tree's depth
+    plain = _lookup_proposer(skip=3)
+    drafts = plain.propose_step(_repeating_step([5, 6, 7]), hidden).drafts
+    assert drafts["a"] == [8, 9, 10]
+
+
+def _paths(tree) -> set[tuple[int, ...]]:
+    """Every root-to-leaf path of a tree, root excluded."""
+    leaves = set(range(1, tree.num_nodes)) - set(tree.parents)
+    paths = set()
+    for leaf in leaves:
+        path, node = [], leaf
+        while node > 0:
+            path.append(tree.tokens[node])
+            node = tree.parents[node]
+        paths.add(tuple(path[::-1]))
+    return paths
+
+
+class _Fixed(DraftPolicy):
+    """A policy that always decides ``length``."""
+
+    def __init__(self, length: int, max_length: int) -> None:
+        super().__init__(max_length=max_length)
+        self.fixed = length
+
+    def _decide(self, num_reqs: int) -> Decision:
+        return Decision(self.fixed, "rate")
+
+
+def test_trusted_steps_are_decided_and_measured_by_the_lookup_policy(hidden):
+    from vllm_redrafter.steps import StepCosts
+
+    proposer = _lookup_proposer(skip=3, trusted_depth=6)
+    assert proposer.lookup_policy.max_length == 6  # the trusted continuations' depth
+    proposer.policy = _Fixed(LENGTH - 1, LENGTH - 1)
+    proposer.lookup_policy = _Fixed(2, 6)
+    proposal = proposer.propose_step(_repeating_step([5, 6, 7]), hidden)
+    # every request trusted: the look-up policy chose depth 2, no beam search
+    assert (proposer.lookup_policy.steps, proposer.policy.steps) == (1, 0)
+    assert proposal.drafts == {"a": [8, 9], "c": [5, 6]}
+    assert proposer.beam_searches_skipped == 1
+    assert 2 in proposer.lookup_policy.draft.by_length
+    assert not proposer.policy.draft.by_length
+    # the next step's acceptance goes to the policy that drafted it; this step (one
+    # request untrusted) is the beam policy's
+    costs = StepCosts(6, 0.05, ((2, 2), (2, 1)))
+    step = _repeating_step([7, 1, 10])
+    step = DraftStep(step.num_reqs, step.requests, step.num_rows, costs)
+    proposal = proposer.propose_step(step, hidden)
+    assert (proposer.lookup_policy.steps, proposer.policy.steps) == (1, 1)
+    assert proposer.lookup_policy.acceptance.samples > 0
+    assert proposer.policy.acceptance.samples == 0
+    assert len(proposal.drafts["a"]) > 3 and proposer.policy.draft.by_length
+    # a look-up policy that does not draft: the trusted step drafts nothing, though
+    # the beam policy would draft fully
+    proposer.lookup_policy = _Fixed(0, 6)
+    assert proposer.propose_step(_repeating_step([5, 6, 7]), hidden).drafts == {}
+    # negative control: without skip_beams_match there is no look-up policy and the
+    # beam policy decides every step
+    plain = _lookup_proposer(skip=None)
+    assert plain.lookup_policy is None
+    plain.policy = _Fixed(LENGTH - 1, LENGTH - 1)
+    plain.propose_step(_repeating_step([5, 6, 7]), hidden)
+    assert plain.policy.steps == 1

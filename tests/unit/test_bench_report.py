@@ -149,6 +149,11 @@ def test_verified_tokens_and_tree_config_names():
                                                                   "skip_beams_match": 3}
     assert skip["redrafter-tree+lookup+skip2"]["lookup"] == {"skip_beams_match": 2}
     assert "redrafter-tree+skip3" not in skip  # +skip<N> needs +lookup
+    deep = config_specs("d", 1, 5, names=[
+        "redrafter-tree@W1L5+lookup4+skip3+deep8+auto", "redrafter-tree+deep8"])
+    assert deep["redrafter-tree@W1L5+lookup4+skip3+deep8+auto"]["lookup"] == {
+        "extra_nodes": 4, "skip_beams_match": 3, "trusted_depth": 8}
+    assert "redrafter-tree+deep8" not in deep  # +deep<N> needs +lookup
 
 
 def test_policy_columns():

@@ -19,7 +19,9 @@ from vllm_redrafter.lookup import (
     Candidate,
     ContextIndex,
     SourceCounts,
+    cut_untrusted,
     fill_order,
+    lookup_depth,
     merge_branches,
     path_sources,
     trusted,
@@ -241,3 +243,47 @@ def test_lookup_walk_skips_beams_only_where_the_lookup_is_trusted():
     kept, _ = lookup_walk(drafted, LookupOptions(max_match=3), budget=6)
     assert kept.skipped == 0 and kept.tau == tree.tau
     assert kept.nodes / kept.steps > stats.nodes / stats.steps  # the skipped step is small
+
+
+def test_trusted_depth_docstring_examples():
+    assert lookup_depth(4, None) == 4
+    assert lookup_depth(4, 8) == 8 and lookup_depth(2, 8) == 8
+    found = [Candidate((1, 2, 3, 4, 5, 6), 3), Candidate((7, 8, 9, 1, 2, 3), 1)]
+    assert cut_untrusted(found, 4, 3) == [Candidate((1, 2, 3, 4, 5, 6), 3),
+                                          Candidate((7, 8, 9, 1), 1)]
+    # without skip_beams_match nothing is trusted: every continuation is cut
+    cut = [c.tokens for c in cut_untrusted(found, 4, None)]
+    assert cut == [(1, 2, 3, 4), (7, 8, 9, 1)]
+
+
+def test_trusted_depth_is_validated():
+    from vllm_redrafter.config import ReDrafterOptions
+
+    with pytest.raises(ValueError, match="set lookup.skip_beams_match too"):
+        LookupOptions(trusted_depth=8)
+    deep = {"skip_beams_match": 2, "trusted_depth": 8}
+    ok = ReDrafterOptions(beam_width=1, beam_length=5, tree=True,
+                          lookup={**deep, "extra_nodes": 4})
+    assert ok.lookup.trusted_depth == 8 and ok.num_speculative_tokens == 8
+    budget_4 = r"trusted_depth=8 must be in \[beam_length - 1 = 4, 4\]"
+    with pytest.raises(ValueError, match=budget_4):
+        ReDrafterOptions(beam_width=1, beam_length=5, tree=True, lookup=deep)
+    with pytest.raises(ValueError, match="trusted_depth=3 must be in"):
+        ReDrafterOptions(beam_width=4, beam_length=5, tree=True,
+                         lookup={"skip_beams_match": 2, "trusted_depth": 3})
+
+
+def test_lookup_walk_accepts_trusted_continuations_past_the_tree_depth():
+    phrase = list(range(10, 30))
+    sequence = phrase + [5] + phrase  # the answer copies a 20-token phrase
+
+    def wrong(p, seq):  # W=1 beam of L=4 that is never right
+        return [[seq[p + 1], 99, 99, 99]]
+
+    drafted = _drafted(sequence, len(phrase) + 2, wrong)
+    shallow, _ = lookup_walk(drafted, LookupOptions(skip_beams_match=2), budget=12)
+    deep, sources = lookup_walk(
+        drafted, LookupOptions(skip_beams_match=2, trusted_depth=12), budget=12)
+    assert len(shallow.per_depth) == 3 and shallow.tau <= 4  # never past depth 3
+    assert deep.per_depth[11] > 0 and deep.tau > 8  # 12-token paths accepted whole
+    assert sources.lookup == deep.accepted

@@ -79,6 +79,10 @@ DRAFT_DTYPE_SUFFIXES = {"+bf16draft": "bfloat16", "+fp32draft": "float32"}
 """Config-name suffixes pinning the drafter's dtype (``draft_dtype``; default ``auto``)."""
 
 
+LOOKUP_KEYS = ("skip_beams_match", "trusted_depth")
+"""Look-up options a config name sets by suffix (``+skip<N>``, ``+deep<N>``)."""
+
+
 INT8_SUFFIX = "+int8"
 """Config-name suffix turning on int8 drafting weights (``"draft_int8": true``)."""
 
@@ -87,7 +91,8 @@ def _split_suffix(name: str) -> tuple[str, str, Any] | None:
     """``"x+auto"`` -> ``("x", "adaptive", True)``; ``"x+lookup4"`` ->
     ``("x", "lookup", {"extra_nodes": 4})``; ``"x+fp32draft"`` -> ``("x", "draft_dtype",
     "float32")``; ``"x+int8"`` -> ``("x", "draft_int8", True)``; ``"x+skip3"`` ->
-    ``("x", "skip_beams_match", 3)`` (a look-up option); None without a known suffix."""
+    ``("x", "skip_beams_match", 3)`` and ``"x+deep8"`` -> ``("x", "trusted_depth", 8)``
+    (look-up options); None without a known suffix."""
     if name.endswith(AUTO_SUFFIX):
         return name[: -len(AUTO_SUFFIX)], "adaptive", True
     if name.endswith(INT8_SUFFIX):
@@ -98,6 +103,9 @@ def _split_suffix(name: str) -> tuple[str, str, Any] | None:
     skip = re.fullmatch(r"(.*)\+skip(\d+)", name)
     if skip is not None:
         return skip.group(1), "skip_beams_match", int(skip.group(2))
+    deep = re.fullmatch(r"(.*)\+deep(\d+)", name)
+    if deep is not None:
+        return deep.group(1), "trusted_depth", int(deep.group(2))
     match = re.fullmatch(r"(.*)\+lookup(\d*)", name)
     if match is None:
         return None
@@ -108,9 +116,10 @@ def _split_suffix(name: str) -> tuple[str, str, Any] | None:
 def _named_spec(name: str, drafter: str, specs: dict[str, dict[str, Any] | None]
                 ) -> dict[str, Any] | None:
     """The spec a ``--configs`` name asks for: ``redrafter[-tree]@W<w>L<l>``, or any
-    ReDrafter name with ``+auto``, ``+lookup[N]``, ``+skip<N>`` (with ``+lookup``),
-    ``+int8`` and ``+fp32draft`` / ``+bf16draft`` suffixes (e.g. ``redrafter+auto``, ``redrafter-tree+lookup``,
-    ``redrafter-tree@W1L5+lookup4+auto``, ``redrafter+auto+fp32draft``)."""
+    ReDrafter name with ``+auto``, ``+lookup[N]``, ``+skip<N>`` and ``+deep<N>`` (with
+    ``+lookup``), ``+int8`` and ``+fp32draft`` / ``+bf16draft`` suffixes (e.g.
+    ``redrafter+auto``, ``redrafter-tree+lookup``, ``redrafter-tree@W1L5+lookup4+auto``,
+    ``redrafter-tree@W1L5+lookup4+skip3+deep8+auto``, ``redrafter+auto+fp32draft``)."""
     base, extra = name, {}
     while (split := _split_suffix(base)) is not None:
         base, key, value = split
@@ -125,12 +134,13 @@ def _named_spec(name: str, drafter: str, specs: dict[str, dict[str, Any] | None]
         return None
     if extra.get("lookup") and not spec["tree"]:
         return None  # look-up branches join a tree: only tree configs take +lookup
-    skip = extra.pop("skip_beams_match", None)
-    if skip is not None:
-        if not extra.get("lookup"):
-            return None  # +skip<N> is a look-up option
-        lookup = extra["lookup"] if isinstance(extra["lookup"], dict) else {}
-        extra["lookup"] = {**lookup, "skip_beams_match": skip}
+    for key in LOOKUP_KEYS:  # +skip<N>, +deep<N>: look-up options
+        value = extra.pop(key, None)
+        if value is not None:
+            if not extra.get("lookup"):
+                return None
+            lookup = extra["lookup"] if isinstance(extra["lookup"], dict) else {}
+            extra["lookup"] = {**lookup, key: value}
     spec.update(extra)
     return spec
 

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also walk trees with context look-up branches; SPEC is "
                              "'default' or comma-separated key=value of the lookup option "
                              "(max_candidates, min_match, max_match, rank, extra_nodes, "
-                             "skip_beams_match), e.g. "
+                             "skip_beams_match, trusted_depth), e.g. "
                              "'rank=0,max_candidates=4'; repeat to compare several")
     parser.add_argument("--draft-int8", action="store_true",
                         help="draft with the int8 weights of the draft_int8 option (every "
