@@ -862,15 +862,26 @@ class ReDrafterProposer:
 
     def _cut_lookups(self, found: dict[int, list[Candidate]], depth: int,
                      keep_trusted: bool) -> dict[int, list[Candidate]]:
-        """The continuations cut to this step's ``depth``; with ``keep_trusted`` and
-        ``lookup.trusted_depth`` the trusted ones keep their length (beside the beams).
-        A look-up-only step (:attr:`lookup_policy`) cuts all of them: its depth is the
-        look-up branches' own."""
+        """The continuations cut for this step. Beside the beams (``keep_trusted``):
+        untrusted ones to the step's ``depth``, trusted ones keep their length with
+        ``lookup.trusted_depth`` (else ``depth`` too). In a look-up-only step
+        (:attr:`lookup_policy`, whose ``depth`` may exceed the tree's ``L - 1``): every
+        one to ``depth``, untrusted ones also to ``L - 1``.
+
+        Example (``L - 1 = 3``, ``skip_beams_match = 3``, ``trusted_depth = 6``), a
+        trusted ``(9, 9, 1, 2, 3)`` and an untrusted ``(20, 21, 22, 23, 24, 25)``: beside
+        beams of depth 2 -> ``(9, 9, 1, 2, 3)``, ``(20, 21)``; look-up only at depth 4 ->
+        ``(9, 9, 1, 2)``, ``(20, 21, 22)``."""
         if self.lookup is None:
             return found
-        deep = keep_trusted and self.lookup.trusted_depth is not None
-        skip = self.lookup.skip_beams_match if deep else None
-        return {i: cut_untrusted(c, depth, skip) for i, c in found.items()}
+        skip = self.lookup.skip_beams_match
+        if keep_trusted:
+            deep = self.lookup.trusted_depth is not None
+            return {i: cut_untrusted(c, depth, skip if deep else None)
+                    for i, c in found.items()}
+        tree_depth = min(depth, self.options.num_draft_tokens)
+        return {i: cut_untrusted([Candidate(x.tokens[:depth], x.match) for x in c],
+                                 tree_depth, skip) for i, c in found.items()}
 
     def _beams_not_needed(self, step: DraftStep, found: dict[int, list[Candidate]],
                           depth: int) -> bool:

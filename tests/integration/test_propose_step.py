@@ -235,3 +235,17 @@ def test_trusted_steps_are_decided_and_measured_by_the_lookup_policy(hidden):
     plain.policy = _Fixed(LENGTH - 1, LENGTH - 1)
     plain.propose_step(_repeating_step([5, 6, 7]), hidden)
     assert plain.policy.steps == 1
+
+
+def test_untrusted_branches_of_lookup_only_steps_stay_at_the_tree_depth(hidden):
+    """A look-up-only step drafts its trusted continuation ``trusted_depth`` deep; the
+    other look-up branch (a 1-token match) stays at the tree's depth ``L - 1``."""
+    proposer = _lookup_proposer(skip=3, trusted_depth=6)
+    history = [3, 20, 21, 22, 23, 24, 25, 1, 2, 3, 9, 9, 1, 2, 3]
+    step = DraftStep(num_reqs=1, num_rows=6, requests=[
+        DraftRequest("a", 0, ROWS["a"], history[-1], True, history=history)])
+    tree = proposer.propose_step(step, hidden).trees["a"]
+    assert proposer.beam_searches_skipped == 1  # trusted "1 2 3": look-up only
+    paths = _paths(tree)
+    assert (9, 9, 1, 2, 3) in paths  # the trusted continuation, past depth 3
+    assert (20, 21, 22) in paths  # after "3" at position 0: cut to depth 3
