@@ -869,9 +869,9 @@ class ReDrafterProposer:
         one to ``depth``, untrusted ones also to ``L - 1``.
 
         Example (``L - 1 = 3``, ``skip_beams_match = 3``, ``trusted_depth = 6``), a
-        trusted ``(9, 9, 1, 2, 3)`` and an untrusted ``(20, 21, 22, 23, 24, 25)``: beside
-        beams of depth 2 -> ``(9, 9, 1, 2, 3)``, ``(20, 21)``; look-up only at depth 4 ->
-        ``(9, 9, 1, 2)``, ``(20, 21, 22)``."""
+        trusted ``(9, 9, 1, 2, 3)`` and an untrusted ``(20, 21, 22, 23, 24, 25)``:
+        beside beams of depth 2 -> ``(9, 9, 1, 2, 3)``, ``(20, 21)``; look-up only at
+        depth 4 -> ``(9, 9, 1, 2)``, ``(20, 21, 22)``."""
         if self.lookup is None:
             return found
         skip = self.lookup.skip_beams_match
