@@ -726,7 +726,9 @@ class ReDrafterProposer:
         start = time.perf_counter()
         self._observe(step.costs)
         self._attribute(step)
-        found = self._find_lookups(step)  # {row: candidates}, look-up mode, full depth
+        # {row: candidates} at the full depth: before the decision only where they pick
+        # the policy, else only for a step that drafts (none on plain-decoding steps)
+        found = self._find_lookups(step) if self.lookup_policy is not None else None
         policy = self._policy_for(step, found)
         self._drafted_by = policy
         length = self._draft_length(len(step.requests), policy)
@@ -734,6 +736,8 @@ class ReDrafterProposer:
             self.draft_seconds += time.perf_counter() - start
             return Proposal()
         self._step_beam_length = length + 1
+        if found is None:
+            found = self._find_lookups(step)
         found = self._cut_lookups(found, length, keep_trusted=policy is self.policy)
         # the look-up policy's steps are look-up only (every request trusted at the full
         # depth); the other policy's skip the search too where all are trusted at length
@@ -792,21 +796,22 @@ class ReDrafterProposer:
                     self.accepted_sources.add(path_sources(tree, sources, req.last_node))
         self._proposed = {}
 
-    def _policy_for(self, step: DraftStep, found: dict[int, list[Candidate]]
+    def _policy_for(self, step: DraftStep, found: dict[int, list[Candidate]] | None
                     ) -> DraftPolicy:
         """:attr:`lookup_policy` for a step whose every request has a trusted look-up
-        continuation at the full depth (its beam search will be skipped), else
-        :attr:`policy`. Look-up is deterministic: every TP rank picks the same one."""
+        continuation at the full depth in ``found`` (its beam search will be skipped),
+        else :attr:`policy`. Look-up is deterministic: every TP rank picks the same
+        one."""
         full = self.options.num_draft_tokens
-        if self.lookup_policy is not None and self._beams_not_needed(step, found, full):
+        if (self.lookup_policy is not None and found is not None
+                and self._beams_not_needed(step, found, full)):
             return self.lookup_policy
         return self.policy
 
-    def _draft_length(self, num_reqs: int, policy: DraftPolicy | None = None) -> int:
-        """This step's draft length (0 = none) by ``policy`` (default :attr:`policy`).
-        Under TP every rank uses rank 0's choice (timings differ per rank; the beam
-        search's collectives must not)."""
-        policy = policy or self.policy
+    def _draft_length(self, num_reqs: int, policy: DraftPolicy) -> int:
+        """This step's draft length (0 = none) by ``policy``. Under TP every rank uses
+        rank 0's choice (timings differ per rank; the beam search's collectives must
+        not)."""
         length = policy.choose(num_reqs).length
         tp = int(getattr(getattr(self.drafter, "lm_head", None), "tp_size", 1))
         if tp > 1 and policy.adaptive:

@@ -249,3 +249,18 @@ def test_untrusted_branches_of_lookup_only_steps_stay_at_the_tree_depth(hidden):
     paths = _paths(tree)
     assert (9, 9, 1, 2, 3) in paths  # the trusted continuation, past depth 3
     assert (20, 21, 22) in paths  # after "3" at position 0: cut to depth 3
+
+
+def test_plain_steps_look_up_only_where_a_lookup_policy_needs_it(hidden):
+    """Without ``skip_beams_match`` (no look-up policy) a step that drafts nothing looks
+    nothing up; with it the look-ups come first, since they pick the policy."""
+    for skip, expected in ((None, 0), (3, 2)):
+        proposer = _lookup_proposer(skip=skip)
+        proposer.policy = _Fixed(0, LENGTH - 1)
+        if proposer.lookup_policy is not None:
+            proposer.lookup_policy = _Fixed(0, LENGTH - 1)
+        calls = []
+        original = proposer._lookup_candidates
+        proposer._lookup_candidates = lambda *a, f=original: calls.append(1) or f(*a)
+        assert proposer.propose_step(_repeating_step([5, 6, 7]), hidden).drafts == {}
+        assert len(calls) == expected, skip
