@@ -79,8 +79,8 @@ DRAFT_DTYPE_SUFFIXES = {"+bf16draft": "bfloat16", "+fp32draft": "float32"}
 """Config-name suffixes pinning the drafter's dtype (``draft_dtype``; default ``auto``)."""
 
 
-LOOKUP_KEYS = ("skip_beams_match", "trusted_depth")
-"""Look-up options a config name sets by suffix (``+skip<N>``, ``+deep<N>``)."""
+LOOKUP_SUFFIXES = {"skip": "skip_beams_match", "deep": "trusted_depth"}
+"""Look-up options a config name sets by suffix: ``+skip<N>``, ``+deep<N>``."""
 
 
 INT8_SUFFIX = "+int8"
@@ -100,12 +100,9 @@ def _split_suffix(name: str) -> tuple[str, str, Any] | None:
     for suffix, dtype in DRAFT_DTYPE_SUFFIXES.items():
         if name.endswith(suffix):
             return name[: -len(suffix)], "draft_dtype", dtype
-    skip = re.fullmatch(r"(.*)\+skip(\d+)", name)
-    if skip is not None:
-        return skip.group(1), "skip_beams_match", int(skip.group(2))
-    deep = re.fullmatch(r"(.*)\+deep(\d+)", name)
-    if deep is not None:
-        return deep.group(1), "trusted_depth", int(deep.group(2))
+    option = re.fullmatch(r"(.*)\+(%s)(\d+)" % "|".join(LOOKUP_SUFFIXES), name)
+    if option is not None:
+        return option.group(1), LOOKUP_SUFFIXES[option.group(2)], int(option.group(3))
     match = re.fullmatch(r"(.*)\+lookup(\d*)", name)
     if match is None:
         return None
@@ -134,7 +131,7 @@ def _named_spec(name: str, drafter: str, specs: dict[str, dict[str, Any] | None]
         return None
     if extra.get("lookup") and not spec["tree"]:
         return None  # look-up branches join a tree: only tree configs take +lookup
-    for key in LOOKUP_KEYS:  # +skip<N>, +deep<N>: look-up options
+    for key in LOOKUP_SUFFIXES.values():  # +skip<N>, +deep<N>: look-up options
         value = extra.pop(key, None)
         if value is not None:
             if not extra.get("lookup"):
