@@ -66,7 +66,14 @@ from vllm_redrafter.lookup import (
 from vllm_redrafter.graphs import CudaGraphBackend, GraphedSearch, batch_buckets
 from vllm_redrafter.memory import beam_search_peak_bytes
 from vllm_redrafter.policy import DraftPolicy, TreeSizeTable
-from vllm_redrafter.quant import Int8Rows, int8_supported, quantize_drafter_linears
+from vllm_redrafter.quant import (
+    INT8_MAX_ROWS,
+    Int8Rows,
+    int8_pays,
+    int8_supported,
+    int8_wanted,
+    quantize_drafter_linears,
+)
 from vllm_redrafter.scorers.chain import best_beam_drafts
 from vllm_redrafter.steps import DraftRequest, DraftStep, Proposal, StepCosts, TreeDraft
 from vllm_redrafter.tree import build_tree
@@ -496,6 +503,9 @@ class ReDrafterProposer:
         """The target's dtype."""
         self.draft_dtype = self.dtype
         """The drafter's dtype (option ``draft_dtype``; resolved in :meth:`load_model`)."""
+        self._int8 = False
+        """Whether the drafter keeps int8 copies of its weights (option ``draft_int8``;
+        resolved in :meth:`load_model`)."""
         self.drafter: RecurrentDrafter | None = None
         self.embed: nn.Module | None = None
         self.device: torch.device | None = None
@@ -547,6 +557,9 @@ class ReDrafterProposer:
         self.draft_dtype = resolve_draft_dtype(
             self.options.draft_dtype, self.dtype, core.dtype, core.config.uses_target_head)
         core = core.to(self.draft_dtype)
+        self._int8 = int8_wanted(self.options.draft_int8, device.type, self.draft_dtype)
+        if self._int8 and self.options.draft_int8 == "auto":
+            self._int8 = self._int8_measured(core)
         embed_dim = getattr(embed, "embedding_dim", core.hidden_size)
         if embed_dim != core.hidden_size:
             raise spec_config.ReDrafterConfigError(
@@ -572,9 +585,9 @@ class ReDrafterProposer:
             core.lm_head = head  # replaces the full projection; frees it on every rank
             core = core.to(device).eval().requires_grad_(False)
             head.load_full_weight(full_head.to(device))
-            if self.options.draft_int8:
+            if self._int8:
                 head_int8 = head.enable_int8(full_head.to(device))
-        if self.options.draft_int8:
+        if self._int8:
             self._enable_int8(core, device, head_int8)
 
         self.drafter, self.embed, self.device = core, embed, device
@@ -601,6 +614,17 @@ class ReDrafterProposer:
             self.options.draft_top_k, head.tp_size, "tree" if self.tree_mode else "chain",
             "CUDA graphs" if self._graphed is not None else "eager")
 
+    def _int8_measured(self, core: RecurrentDrafter) -> bool:
+        """``draft_int8: "auto"``: keep int8 copies only if a one-row product through
+        the drafter's largest own weight (its head) measures faster in int8 here."""
+        weight = max((m.weight for m in core.modules() if type(m) is nn.Linear),
+                     key=lambda w: w.numel())  # [N, K]
+        pays, plain, quantized = int8_pays(weight)
+        logger.info("draft_int8=auto: one row through the drafter's %s weight takes "
+                    "%.3f ms in %s, %.3f ms in int8: %s", tuple(weight.shape), plain,
+                    self.draft_dtype, quantized, "int8 kept" if pays else "int8 not used")
+        return pays
+
     def _enable_int8(self, core: RecurrentDrafter, device: torch.device,
                      head_int8: bool) -> None:
         """``draft_int8``: int8 copies of the drafter's own linear layers
@@ -610,12 +634,14 @@ class ReDrafterProposer:
         if device.type != "cpu" or self.draft_dtype != torch.bfloat16:
             logger.warning(
                 "draft_int8: the int8 products serve bfloat16 drafting on CPU; this drafter "
-                "runs in %s on %s, so they are never used (drop draft_int8, or serve "
-                "bfloat16 / use a drafter stored in bfloat16)", self.draft_dtype, device.type)
+                "runs in %s on %s, so they are never used (drop draft_int8 or set it to "
+                "\"auto\", or serve bfloat16 / use a drafter stored in bfloat16)",
+                self.draft_dtype, device.type)
         else:
             also = "and the head" if head_int8 else "(not the head: TP > 1 or a target head)"
-            logger.info("draft_int8: %d linear layers %s also kept in int8 for batch-1 "
-                        "drafting steps", wrapped, also)
+            logger.info("draft_int8=%s: %d linear layers %s also kept in int8 for drafting "
+                        "steps of up to %d rows", self.options.draft_int8, wrapped, also,
+                        INT8_MAX_ROWS)
 
     def _make_lookup_policy(self) -> DraftPolicy | None:
         """The look-up-only steps' policy (:attr:`lookup_policy`): its length is the

@@ -210,9 +210,11 @@ class ReDrafterOptions(BaseModel):
             are proposals, verified exactly: upcasting gains nothing but costs time);
             drafters scoring with the target's head always run in the target's dtype.
         draft_int8: also keep the drafter's own weights in int8 (one scale per row) and
-            use them for the small products of a batch-1 drafting step on CPU in
+            use them for the small products (up to 4 rows) of drafting steps on CPU in
             bfloat16 (:mod:`vllm_redrafter.quant`); drafts may differ slightly, outputs
-            never do (drafts are verified exactly). No effect on GPU or in float32.
+            never do (drafts are verified exactly). ``"auto"`` (default): wherever they
+            apply (CPU, bfloat16 drafting, a torch with the int8 product), silently
+            off elsewhere; ``true`` also warns where they cannot apply (GPU, float32).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -241,8 +243,10 @@ class ReDrafterOptions(BaseModel):
     draft_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Drafter dtype (auto: see the class docstring)."
     )
-    draft_int8: bool = Field(
-        default=False, description="Weight-only int8 drafting at batch 1 on CPU (bf16)."
+    draft_int8: bool | Literal["auto"] = Field(
+        default="auto",
+        description="Weight-only int8 drafting for small CPU bf16 steps (auto: where it "
+                    "applies).",
     )
 
     @field_validator("lookup", mode="before")

@@ -54,9 +54,18 @@ def test_explicit_settings(drafter_dir):
 
 
 def test_defaults_come_from_the_checkpoint(drafter_dir):
-    vllm_spec, settings = _translate({"method": "redrafter", "model": str(drafter_dir)})
+    """The checkpoint advertises W=5, L=6: tree mode takes both, chain mode its L and a
+    greedy drafter (W=1) unless the user asks for beams."""
+    vllm_spec, settings = _translate({"method": "redrafter", "model": str(drafter_dir),
+                                      "tree": True})
     assert (settings.options.beam_width, settings.options.beam_length) == (5, 6)
+    assert vllm_spec["num_speculative_tokens"] == 25
+    vllm_spec, settings = _translate({"method": "redrafter", "model": str(drafter_dir)})
+    assert (settings.options.beam_width, settings.options.beam_length) == (1, 6)
     assert vllm_spec["num_speculative_tokens"] == 5
+    _, settings = _translate({"method": "redrafter", "model": str(drafter_dir),
+                              "beam_width": 4})
+    assert settings.options.beam_width == 4  # given: obeyed in chain mode too
 
 
 def test_beam_length_derived_from_num_speculative_tokens(drafter_dir):
@@ -88,7 +97,7 @@ def test_consistent_num_speculative_tokens_is_accepted(drafter_dir):
     ({"beam_length": 17}, "beam_length must be an integer in [2, 16], got 17"),
     ({"draft_top_k": 0}, "draft_top_k"),
     ({"beam_length": 4, "num_speculative_tokens": 5},
-     "num_speculative_tokens=5 is inconsistent with ReDrafter beam_width=5, beam_length=4"),
+     "num_speculative_tokens=5 is inconsistent with ReDrafter beam_width=1, beam_length=4"),
     ({"tree": True, "beam_width": 4, "beam_length": 5, "num_speculative_tokens": 4},
      "in tree mode it must equal beam_width * (beam_length - 1) (+ lookup.extra_nodes) = 16"),
     ({"tree": True, "beam_width": 16, "beam_length": 10},

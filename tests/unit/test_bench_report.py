@@ -143,6 +143,13 @@ def test_verified_tokens_and_tree_config_names():
     assert int8["redrafter+auto+int8"] == {**int8["redrafter"], "adaptive": True,
                                            "draft_int8": True}
     assert int8["redrafter-tree+int8"]["draft_int8"] is True
+    off = config_specs("d", 4, 5, names=["redrafter@W1L5+auto+noint8"])
+    assert off["redrafter@W1L5+auto+noint8"]["draft_int8"] is False
+    assert "draft_int8" not in int8["redrafter"]  # the option's default ("auto")
+    assert int8["redrafter-default"] == {"method": "redrafter", "model": "d"}
+    default = config_specs("d", 4, 5, names=["redrafter-default+noint8"])
+    assert default["redrafter-default+noint8"] == {"method": "redrafter", "model": "d",
+                                                   "draft_int8": False}
     skip = config_specs("d", 4, 5, names=["redrafter-tree+lookup4+skip3+auto",
                                            "redrafter-tree+lookup+skip2", "redrafter-tree+skip3"])
     assert skip["redrafter-tree+lookup4+skip3+auto"]["lookup"] == {"extra_nodes": 4,

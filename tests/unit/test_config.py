@@ -268,3 +268,11 @@ def test_lookup_options():
 def test_lookup_options_refused(values, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         ReDrafterOptions.from_mapping(values)
+
+
+def test_draft_int8_is_auto_by_default_and_validated():
+    assert ReDrafterOptions().draft_int8 == "auto"
+    for value in ("auto", True, False):
+        assert ReDrafterOptions(draft_int8=value).draft_int8 == value
+    with pytest.raises(ValueError, match="draft_int8"):
+        ReDrafterOptions(draft_int8="sometimes")

@@ -12,7 +12,9 @@ from vllm_redrafter.quant import (
     Int8Rows,
     Int8RowsLinear,
     int8_calls,
+    int8_pays,
     int8_supported,
+    int8_wanted,
     quantize_drafter_linears,
     quantize_rows,
 )
@@ -77,3 +79,40 @@ def test_quantized_drafter_drafts_like_the_original_at_batch_one():
     # near-identical weights: the best beam's first drafted token agrees
     assert out.tokens[0, 0, 1] == ref.tokens[0, 0, 1]
     assert quantize_drafter_linears(drafter) == 0  # already wrapped: idempotent
+
+
+def test_int8_is_wanted_by_default_only_where_it_can_serve(monkeypatch):
+    """``draft_int8: "auto"`` (the default) keeps int8 copies for bfloat16 drafting on
+    CPU only; ``True`` / ``False`` are obeyed as given. Negative control: a torch without
+    the int8 product turns ``"auto"`` off."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert int8_wanted("auto", "cpu", bf16) is True
+    assert int8_wanted("auto", "cuda", bf16) is False
+    assert int8_wanted("auto", "cpu", fp32) is False
+    assert int8_wanted(True, "cuda", bf16) is True
+    assert int8_wanted(False, "cpu", bf16) is False
+    monkeypatch.delattr(torch, "_weight_int8pack_mm")
+    assert int8_wanted("auto", "cpu", bf16) is False
+
+
+def test_int8_pays_compares_both_products_as_measured():
+    """``"auto"`` keeps int8 only where it measures faster: the decision follows the two
+    timings (a fake clock: the original product first, then the int8 one); both
+    products are really run."""
+    weight = torch.randn(32, 16).to(torch.bfloat16)
+    ran = []
+
+    def fake(times):
+        clock = iter(times)
+
+        def measure(fn):
+            ran.append(fn())
+            return next(clock)
+        return measure
+
+    assert int8_pays(weight, fake([0.9, 0.3])) == (True, 0.9, 0.3)
+    assert int8_pays(weight, fake([0.3, 0.9])) == (False, 0.3, 0.9)
+    assert [tuple(y.shape) for y in ran] == [(1, 32)] * 4
+    assert not torch.equal(ran[0], ran[1])  # the second product is the int8 one
+    pays, plain, quantized = int8_pays(weight)  # the real clock: positive timings
+    assert plain > 0 and quantized > 0 and pays == (quantized < plain)

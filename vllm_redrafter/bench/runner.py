@@ -47,7 +47,9 @@ def config_specs(drafter: str | None, beam_width: int, beam_length: int,
     """The speculative configs compared by ``bench``, keyed by name.
 
     Always ``none``, ``ngram``, and (with a drafter) ``redrafter`` (chain) and
-    ``redrafter-tree`` at the given beam settings. Any name of ``names`` of the form
+    ``redrafter-tree`` at the given beam settings, and ``redrafter-default`` (only the
+    drafter: every option at the plugin's default, as ``make demo`` serves it). Any name
+    of ``names`` of the form
     ``redrafter[-tree]@W<w>L<l>`` adds that configuration, e.g. ``redrafter@W1L5`` (chain,
     one beam) or ``redrafter-tree@W2L4``.
     """
@@ -59,12 +61,16 @@ def config_specs(drafter: str | None, beam_width: int, beam_length: int,
     if drafter:
         specs["redrafter"] = _redrafter_spec(drafter, beam_width, beam_length, tree=False)
         specs["redrafter-tree"] = _redrafter_spec(drafter, beam_width, beam_length, tree=True)
+        specs[DEFAULT_CONFIG] = {"method": "redrafter", "model": str(drafter)}
         for name in names:
             spec = _named_spec(name, drafter, specs)
             if spec is not None:
                 specs[name] = spec
     return specs
 
+
+DEFAULT_CONFIG = "redrafter-default"
+"""The config serving the drafter with every option at the plugin's default."""
 
 AUTO_SUFFIX = "+auto"
 """Config-name suffix that turns load-aware drafting on (``"adaptive": true``)."""
@@ -83,20 +89,22 @@ LOOKUP_SUFFIXES = {"skip": "skip_beams_match", "deep": "trusted_depth"}
 """Look-up options a config name sets by suffix: ``+skip<N>``, ``+deep<N>``."""
 
 
-INT8_SUFFIX = "+int8"
-"""Config-name suffix turning on int8 drafting weights (``"draft_int8": true``)."""
+INT8_SUFFIXES = {"+int8": True, "+noint8": False}
+"""Config-name suffixes pinning int8 drafting weights on or off (``"draft_int8"``;
+default ``"auto"``: on for bfloat16 drafting on CPU)."""
 
 
 def _split_suffix(name: str) -> tuple[str, str, Any] | None:
     """``"x+auto"`` -> ``("x", "adaptive", True)``; ``"x+lookup4"`` ->
     ``("x", "lookup", {"extra_nodes": 4})``; ``"x+fp32draft"`` -> ``("x", "draft_dtype",
-    "float32")``; ``"x+int8"`` -> ``("x", "draft_int8", True)``; ``"x+skip3"`` ->
-    ``("x", "skip_beams_match", 3)`` and ``"x+deep8"`` -> ``("x", "trusted_depth", 8)``
-    (look-up options); None without a known suffix."""
+    "float32")``; ``"x+int8"`` / ``"x+noint8"`` -> ``("x", "draft_int8", True / False)``;
+    ``"x+skip3"`` -> ``("x", "skip_beams_match", 3)`` and ``"x+deep8"`` -> ``("x",
+    "trusted_depth", 8)`` (look-up options); None without a known suffix."""
     if name.endswith(AUTO_SUFFIX):
         return name[: -len(AUTO_SUFFIX)], "adaptive", True
-    if name.endswith(INT8_SUFFIX):
-        return name[: -len(INT8_SUFFIX)], "draft_int8", True
+    for suffix, on in INT8_SUFFIXES.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], "draft_int8", on
     for suffix, dtype in DRAFT_DTYPE_SUFFIXES.items():
         if name.endswith(suffix):
             return name[: -len(suffix)], "draft_dtype", dtype
@@ -114,7 +122,7 @@ def _named_spec(name: str, drafter: str, specs: dict[str, dict[str, Any] | None]
                 ) -> dict[str, Any] | None:
     """The spec a ``--configs`` name asks for: ``redrafter[-tree]@W<w>L<l>``, or any
     ReDrafter name with ``+auto``, ``+lookup[N]``, ``+skip<N>`` and ``+deep<N>`` (with
-    ``+lookup``), ``+int8`` and ``+fp32draft`` / ``+bf16draft`` suffixes (e.g.
+    ``+lookup``), ``+int8`` / ``+noint8`` and ``+fp32draft`` / ``+bf16draft`` suffixes (e.g.
     ``redrafter+auto``, ``redrafter-tree+lookup``, ``redrafter-tree@W1L5+lookup4+auto``,
     ``redrafter-tree@W1L5+lookup4+skip3+deep8+auto``, ``redrafter+auto+fp32draft``)."""
     base, extra = name, {}
@@ -129,7 +137,7 @@ def _named_spec(name: str, drafter: str, specs: dict[str, dict[str, Any] | None]
         spec = dict(specs[base])
     else:
         return None
-    if extra.get("lookup") and not spec["tree"]:
+    if extra.get("lookup") and not spec.get("tree"):
         return None  # look-up branches join a tree: only tree configs take +lookup
     for key in LOOKUP_SUFFIXES.values():  # +skip<N>, +deep<N>: look-up options
         value = extra.pop(key, None)

@@ -48,15 +48,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=["none", "ngram", "redrafter", "redrafter-tree"],
                         help="configurations to run (default none,ngram,redrafter,"
                              "redrafter-tree); redrafter = chain verification of the best "
-                             "beam, redrafter-tree = the deduplicated tree of all beams; "
+                             "beam, redrafter-tree = the deduplicated tree of all beams, "
+                             "redrafter-default = every option at the plugin's default; "
                              "redrafter[-tree]@W<w>L<l> sets the beams of one config; plain "
                              "names draft fixed lengths, a +auto suffix (redrafter+auto) "
                              "turns load-aware drafting on (the option's default); +lookup "
                              "adds context look-up branches to a tree config, +lookup<N> "
                              "with N extra tree nodes (redrafter-tree@W1L5+lookup4), "
                              "+skip<N> skips the beam search on trusted look-up matches of "
-                             "N tokens (redrafter-tree+lookup+skip3); +int8 "
-                             "int8 drafting weights; +fp32draft / +bf16draft the drafter's "
+                             "N tokens (redrafter-tree+lookup+skip3); +int8 / "
+                             "+noint8 int8 drafting weights on / off (default: on for "
+                             "bf16 drafting on CPU); +fp32draft / +bf16draft the drafter's "
                              "dtype")
     parser.add_argument("--beam-width", type=int, default=None,
                         help="ReDrafter beam width (default: the checkpoint's)")
