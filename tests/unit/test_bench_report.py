@@ -86,7 +86,7 @@ STABLE_KEYS = {
     "mean_verified_tokens", "num_drafts",
     "num_draft_tokens", "num_accepted_tokens", "draft_time_share", "identical_to_baseline",
     "compared_to_baseline", "no_draft_share", "mean_draft_length", "accepted_sources",
-    "beams_skipped_share"}
+    "beams_skipped_share", "repeat"}
 
 
 def test_report_schema_and_files(tmp_path):
@@ -102,6 +102,27 @@ def test_report_schema_and_files(tmp_path):
     md = paths["md"].read_text()
     assert "| redrafter | 1 | 0.0 | 20.0 | 2.00× | 2.50 |" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert loaded["repeats"] == [] and "rounds" not in md  # one round: no summary
+
+
+def test_repeats_compare_each_round_with_its_own_baseline():
+    """``bench --repeats``: a cell's ratio uses its own round's baseline (the baseline
+    moved 10 -> 5 s between rounds here), and the summary gives the median and range.
+    Negative control: against round 0's baseline, round 1 would read 0.5x."""
+    cells = []
+    for round_, (base_wall, walls) in enumerate([(10.0, 10.0), (5.0, 5.5), (8.0, 7.6)]):
+        cells += [_cell("none", 1, 0.0, 100, base_wall, token_ids=[[1]], repeat=round_),
+                  _cell("x", 1, 0.0, 100, walls, token_ids=[[1]], repeat=round_)]
+    rows = rep.summarize(cells)
+    ratios = [r["speedup_vs_baseline"] for r in rows if r["config"] == "x"]
+    assert ratios == [1.0, pytest.approx(0.909, abs=1e-3), pytest.approx(1.053, abs=1e-3)]
+    assert rep.repeat_summary(rows) == [{"config": "x", "concurrency": 1,
+                                         "temperature": 0.0, "median": 1.0,
+                                         "low": ratios[1], "high": ratios[2],
+                                         "repeats": 3}]
+    md = rep.markdown_table(rep.build_report(cells, {}, {}))
+    assert "| x #2 | 1 | 0.0 |" in md
+    assert "| x | 1 | 0.0 | 1.00× | 0.91–1.05× | 3 |" in md
 
 
 def test_verified_tokens_and_tree_config_names():

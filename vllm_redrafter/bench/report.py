@@ -116,6 +116,9 @@ class CellResult:
     policy: dict[str, float] | None = None
     """Drafting-policy counters over the cell: ``steps`` decided, ``no_draft_steps``,
     ``length_sum`` (ReDrafter only)."""
+    repeat: int = 0
+    """Which round of ``bench --repeats`` measured the cell (compared with the baseline
+    of the same round)."""
 
     @property
     def no_draft_share(self) -> float | None:
@@ -149,8 +152,9 @@ class CellResult:
         return {k: int(policy.get(f"accepted_{k}", 0)) for k in ("drafter", "lookup", "both")}
 
     @property
-    def key(self) -> tuple[int, float]:
-        return (self.concurrency, self.temperature)
+    def key(self) -> tuple[int, float, int]:
+        """``(concurrency, temperature, repeat)``: the baseline cell it is compared with."""
+        return (self.concurrency, self.temperature, self.repeat)
 
     @property
     def output_tok_per_s(self) -> float | None:
@@ -211,8 +215,35 @@ def summarize(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
             "beams_skipped_share": _round(c.beams_skipped_share),
             "identical_to_baseline": identical,
             "compared_to_baseline": compared,
+            "repeat": c.repeat,
         })
     return rows
+
+
+def repeat_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (config, concurrency, temperature) over the rounds of ``bench --repeats``: the
+    median, lowest and highest ratio to the same round's baseline.
+
+    Example: ratios 0.95, 1.02 and 0.99 in rounds 0-2 -> ``{"median": 0.99, "low": 0.95,
+    "high": 1.02, "repeats": 3}``. Empty when every row is from round 0.
+    """
+    if not any(r.get("repeat", 0) for r in rows):
+        return []
+    ratios: dict[tuple[str, int, float], list[float]] = {}
+    for r in rows:
+        if r["config"] != BASELINE and r["speedup_vs_baseline"] is not None:
+            key = (r["config"], r["concurrency"], r["temperature"])
+            ratios.setdefault(key, []).append(r["speedup_vs_baseline"])
+    summary = []
+    for (config, conc, temp), values in ratios.items():
+        values = sorted(values)
+        mid = len(values) // 2
+        median = (values[mid] if len(values) % 2
+                  else (values[mid - 1] + values[mid]) / 2)
+        summary.append({"config": config, "concurrency": conc, "temperature": temp,
+                        "median": round(median, 3), "low": values[0], "high": values[-1],
+                        "repeats": len(values)})
+    return summary
 
 
 def _round(x: float | None, digits: int = 3) -> float | None:
@@ -221,7 +252,9 @@ def _round(x: float | None, digits: int = 3) -> float | None:
 
 def build_report(cells: Sequence[CellResult], settings: dict[str, Any],
                  meta: dict[str, Any]) -> dict[str, Any]:
-    return {"schema": SCHEMA, **meta, "settings": settings, "results": summarize(cells)}
+    rows = summarize(cells)
+    return {"schema": SCHEMA, **meta, "settings": settings, "results": rows,
+            "repeats": repeat_summary(rows)}
 
 
 def _fmt(x: Any, spec: str = "") -> str:
@@ -259,16 +292,18 @@ def markdown_table(report: dict[str, Any]) -> str:
             "| draft time | no-draft steps | draft len | accepted D/L/both | identical |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
+    summary = report.get("repeats") or []
     for r in report["results"]:
+        name = f"{r['config']} #{r.get('repeat', 0) + 1}" if summary else r["config"]
         if r["status"] != "ok":
-            lines.append(f"| {r['config']} | {r['concurrency']} | {r['temperature']} | "
+            lines.append(f"| {name} | {r['concurrency']} | {r['temperature']} | "
                          f"failed: {str(r['error'])[:60]} | | | | | | | | | |")
             continue
         ident = (f"{r['identical_to_baseline']}/{r['compared_to_baseline']}"
                  if r["identical_to_baseline"] is not None else "–")
         share = r["draft_time_share"]
         lines.append(
-            f"| {r['config']} | {r['concurrency']} | {r['temperature']} | "
+            f"| {name} | {r['concurrency']} | {r['temperature']} | "
             f"{_fmt(r['output_tok_per_s'], '.1f')} | "
             f"{_fmt(r['speedup_vs_baseline'], '.2f')}{'×' if r['speedup_vs_baseline'] else ''}"
             f" | {_fmt(r['mean_acceptance_length'], '.2f')} | "
@@ -277,6 +312,12 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{'–' if share is None else f'{100 * share:.0f}%'} | "
             f"{_percent(r.get('no_draft_share'))} | {_fmt(r.get('mean_draft_length'), '.2f')} | "
             f"{_sources(r.get('accepted_sources'))} | {ident} |")
+    if summary:
+        lines += ["", "| config | conc. | temp | vs none, median | lowest–highest | rounds |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {s['config']} | {s['concurrency']} | {s['temperature']} | "
+                  f"{s['median']:.2f}× | {s['low']:.2f}–{s['high']:.2f}× | {s['repeats']} |"
+                  for s in summary]
     return "\n".join(lines) + "\n"
 
 

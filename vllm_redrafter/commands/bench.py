@@ -10,6 +10,7 @@ Results: ``bench.json`` (stable keys), ``bench.md`` (table) and ``bench.png`` (p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import platform
 import shlex
@@ -71,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=3600.0,
                         help="seconds allowed per configuration")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the configs this many rounds, in turn (none, x, none, "
+                             "x, ...), each cell against its own round's baseline, and "
+                             "report the median and range of the ratios (default 1)")
     parser.add_argument("--out", default=None,
                         help="output dir (default: bench-results/<UTC timestamp>)")
 
@@ -132,18 +137,26 @@ def run(args: argparse.Namespace) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir = Path(args.out) if args.out else Path("bench-results") / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.repeats < 1:
+        print(f"vllm-redrafter bench: error: --repeats must be >= 1, got {args.repeats}",
+              file=sys.stderr)
+        return 2
     cells = []
-    for name in args.configs:
-        print(f"[bench] running {name} ({len(token_ids)} prompts)...", file=sys.stderr,
-              flush=True)
-        cells += run_config(name, specs[name], settings, log_path=out_dir / f"{name}.log")
+    for round_ in range(args.repeats):
+        for name in args.configs:
+            tag = f" round {round_ + 1}/{args.repeats}" if args.repeats > 1 else ""
+            print(f"[bench] running {name}{tag} ({len(token_ids)} prompts)...",
+                  file=sys.stderr, flush=True)
+            log = out_dir / (f"{name}.log" if round_ == 0 else f"{name}.{round_ + 1}.log")
+            cells += [dataclasses.replace(cell, repeat=round_)
+                      for cell in run_config(name, specs[name], settings, log_path=log)]
     meta = {"date": stamp, "command": "vllm-redrafter bench " + shlex.join(sys.argv[2:]),
             "machine": {"platform": platform.platform(), "processor": platform.processor()}}
     run_settings = {"target": target, "drafter": drafter, "prompts": str(prompts_path),
                     "num_prompts": len(token_ids), "max_tokens": args.max_tokens,
                     "concurrency": args.concurrency, "temperatures": args.temperatures,
                     "dtype": args.dtype, "beam_width": width, "beam_length": length,
-                    "configs": args.configs}
+                    "configs": args.configs, "repeats": args.repeats}
     report = rep.build_report(cells, run_settings, meta)
     paths = rep.write_reports(report, out_dir)
     print(rep.markdown_table(report))
