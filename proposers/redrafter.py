@@ -616,10 +616,15 @@ class ReDrafterProposer:
 
     def _int8_measured(self, core: RecurrentDrafter) -> bool:
         """``draft_int8: "auto"``: keep int8 copies only if a one-row product through
-        the drafter's largest own weight (its head) measures faster in int8 here."""
+        the drafter's largest own weight (its head) measures faster in int8 here. Under
+        TP every rank uses rank 0's measurement (ranks must draft alike)."""
+        from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
+
         weight = max((m.weight for m in core.modules() if type(m) is nn.Linear),
                      key=lambda w: w.numel())  # [N, K]
         pays, plain, quantized = int8_pays(weight)
+        if get_tensor_model_parallel_world_size() > 1:
+            pays = bool(get_tp_group().broadcast_object(pays, src=0))
         logger.info("draft_int8=auto: one row through the drafter's %s weight takes "
                     "%.3f ms in %s, %.3f ms in int8: %s", tuple(weight.shape), plain,
                     self.draft_dtype, quantized, "int8 kept" if pays else "int8 not used")
