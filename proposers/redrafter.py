@@ -621,7 +621,9 @@ class ReDrafterProposer:
         from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
         weight = max((m.weight for m in core.modules() if type(m) is nn.Linear),
-                     key=lambda w: w.numel())  # [N, K]
+                     key=lambda w: w.numel(), default=None)  # [N, K]
+        if weight is None:  # nothing of its own to quantize
+            return False
         pays, plain, quantized = int8_pays(weight)
         if get_tensor_model_parallel_world_size() > 1:
             pays = bool(get_tp_group().broadcast_object(pays, src=0))
