@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -236,13 +237,9 @@ def repeat_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             ratios.setdefault(key, []).append(r["speedup_vs_baseline"])
     summary = []
     for (config, conc, temp), values in ratios.items():
-        values = sorted(values)
-        mid = len(values) // 2
-        median = (values[mid] if len(values) % 2
-                  else (values[mid - 1] + values[mid]) / 2)
         summary.append({"config": config, "concurrency": conc, "temperature": temp,
-                        "median": round(median, 3), "low": values[0], "high": values[-1],
-                        "repeats": len(values)})
+                        "median": round(statistics.median(values), 3),
+                        "low": min(values), "high": max(values), "repeats": len(values)})
     return summary
 
 
