@@ -68,10 +68,11 @@ from vllm_redrafter.memory import beam_search_peak_bytes
 from vllm_redrafter.policy import DraftPolicy, TreeSizeTable
 from vllm_redrafter.quant import (
     INT8_MAX_ROWS,
-    Int8Rows,
-    int8_pays,
+    LowBitRows,
     int8_supported,
     int8_wanted,
+    low_bit_pays,
+    low_bit_rows,
     quantize_drafter_linears,
 )
 from vllm_redrafter.scorers.chain import best_beam_drafts
@@ -214,8 +215,9 @@ class VocabParallelDraftHead(nn.Module):
         self.vocab_size = vocab_size
         self.tp_size = get_tensor_model_parallel_world_size()
         self.head = ParallelLMHead(vocab_size, exit_dim, bias=False, params_dtype=dtype)
-        self.int8: Int8Rows | None = None
-        """An int8 copy of the full head for small CPU products (``draft_int8``, TP = 1)."""
+        self.low_bit: LowBitRows | None = None
+        """An int8 / int4 copy of the full head for small CPU products (``draft_int8``,
+        ``draft_bits``; TP = 1)."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -232,18 +234,18 @@ class VocabParallelDraftHead(nn.Module):
         if finalize is not None:
             finalize(self.head)
 
-    def enable_int8(self, weight: torch.Tensor) -> bool:
-        """Keep ``weight [Vd, E]`` (the full head) in int8 too, for the products it
-        applies to (:class:`~vllm_redrafter.quant.Int8Rows`); TP = 1 only."""
+    def enable_low_bit(self, weight: torch.Tensor, bits: int) -> bool:
+        """Keep ``weight [Vd, E]`` (the full head) in ``bits`` too, for the products it
+        applies to (:func:`~vllm_redrafter.quant.low_bit_rows`); TP = 1 only."""
         if self.tp_size != 1 or not int8_supported():
             return False
-        self.int8 = Int8Rows(weight)
+        self.low_bit = low_bit_rows(weight, bits)
         return True
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """``[*, E]`` features -> ``[*, Vd]`` full-vocabulary logits on every rank."""
-        if self.int8 is not None and self.int8.applies(z):
-            return self.int8(z)  # [*, Vd]
+        if self.low_bit is not None and self.low_bit.applies(z):
+            return self.low_bit(z)  # [*, Vd]
         local = _shard_logits(self.head, z)  # [N, Vd_padded / tp]
         logits = _full_logits(local, self.tp_size, self.vocab_size)  # [N, Vd]
         return logits.reshape(*z.shape[:-1], self.vocab_size)
@@ -504,8 +506,8 @@ class ReDrafterProposer:
         self.draft_dtype = self.dtype
         """The drafter's dtype (option ``draft_dtype``; resolved in :meth:`load_model`)."""
         self._int8 = False
-        """Whether the drafter keeps int8 copies of its weights (option ``draft_int8``;
-        resolved in :meth:`load_model`)."""
+        """Whether the drafter keeps low-bit (``draft_bits``) copies of its weights
+        (option ``draft_int8``; resolved in :meth:`load_model`)."""
         self.drafter: RecurrentDrafter | None = None
         self.embed: nn.Module | None = None
         self.device: torch.device | None = None
@@ -586,7 +588,8 @@ class ReDrafterProposer:
             core = core.to(device).eval().requires_grad_(False)
             head.load_full_weight(full_head.to(device))
             if self._int8:
-                head_int8 = head.enable_int8(full_head.to(device))
+                head_int8 = head.enable_low_bit(full_head.to(device),
+                                                self.options.draft_bits)
         if self._int8:
             self._enable_int8(core, device, head_int8)
 
@@ -615,29 +618,31 @@ class ReDrafterProposer:
             "CUDA graphs" if self._graphed is not None else "eager")
 
     def _int8_measured(self, core: RecurrentDrafter) -> bool:
-        """``draft_int8: "auto"``: keep int8 copies only if a one-row product through
-        the drafter's largest own weight (its head) measures faster in int8 here. Under
-        TP every rank uses rank 0's measurement (ranks must draft alike)."""
+        """``draft_int8: "auto"``: keep low-bit copies only if a one-row product through
+        the drafter's largest own weight (its head) measures faster in ``draft_bits``
+        here. Under TP every rank uses rank 0's measurement (ranks must draft alike)."""
         from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
         weight = max((m.weight for m in core.modules() if type(m) is nn.Linear),
                      key=lambda w: w.numel(), default=None)  # [N, K]
         if weight is None:  # nothing of its own to quantize
             return False
-        pays, plain, quantized = int8_pays(weight)
+        bits = self.options.draft_bits
+        pays, plain, quantized = low_bit_pays(weight, bits)
         if get_tensor_model_parallel_world_size() > 1:
             pays = bool(get_tp_group().broadcast_object(pays, src=0))
         logger.info("draft_int8=auto: one row through the drafter's %s weight takes "
-                    "%.3f ms in %s, %.3f ms in int8: %s", tuple(weight.shape), plain,
-                    self.draft_dtype, quantized, "int8 kept" if pays else "int8 not used")
+                    "%.3f ms in %s, %.3f ms in int%d: %s", tuple(weight.shape), plain,
+                    self.draft_dtype, quantized, bits,
+                    "low-bit weights kept" if pays else "low-bit weights not used")
         return pays
 
     def _enable_int8(self, core: RecurrentDrafter, device: torch.device,
                      head_int8: bool) -> None:
-        """``draft_int8``: int8 copies of the drafter's own linear layers
-        (``head_int8``: whether the caller also kept the head in int8); says when they
+        """``draft_int8``: ``draft_bits`` copies of the drafter's own linear layers
+        (``head_int8``: whether the caller also kept the head in low bits); says when they
         cannot take effect."""
-        wrapped = quantize_drafter_linears(core)
+        wrapped = quantize_drafter_linears(core, bits=self.options.draft_bits)
         if device.type != "cpu" or self.draft_dtype != torch.bfloat16:
             logger.warning(
                 "draft_int8: the int8 products serve bfloat16 drafting on CPU; this drafter "
@@ -646,8 +651,10 @@ class ReDrafterProposer:
                 self.draft_dtype, device.type)
         else:
             also = "and the head" if head_int8 else "(not the head: TP > 1 or a target head)"
-            logger.info("draft_int8=%s: %d linear layers %s also kept in int8 for drafting "
-                        "steps of up to %d rows", self.options.draft_int8, wrapped, also,
+            logger.info("draft_int8=%s, draft_bits=%d: %d linear layers %s also kept in "
+                        "%d bits (int8 where int4 cannot take the shape) for drafting "
+                        "steps of up to %d rows", self.options.draft_int8,
+                        self.options.draft_bits, wrapped, also, self.options.draft_bits,
                         INT8_MAX_ROWS)
 
     def _make_lookup_policy(self) -> DraftPolicy | None:

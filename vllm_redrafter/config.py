@@ -215,6 +215,11 @@ class ReDrafterOptions(BaseModel):
             never do (drafts are verified exactly). ``"auto"`` (default): wherever they
             apply (CPU, bfloat16 drafting, a torch with the int8 product), silently
             off elsewhere; ``true`` also warns where they cannot apply (GPU, float32).
+        draft_bits: width of those low-bit copies: ``4`` (default; a scale and an offset
+            per 32 columns, half the bytes of int8, for every layer whose shape torch's
+            CPU int4 product takes, 8-bit for the others) or ``8``. A batch-1 drafting
+            step streams the drafter's weights from memory, so its time follows their
+            bytes; offline τ is the same in both (``docs/bench/draft_int4.md``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -247,6 +252,11 @@ class ReDrafterOptions(BaseModel):
         default="auto",
         description="Weight-only int8 drafting for small CPU bf16 steps (auto: where it "
                     "applies).",
+    )
+    draft_bits: Literal[4, 8] = Field(
+        default=4,
+        description="Width of the draft_int8 low-bit weights: 4 (int4 where a layer's "
+                    "shape allows, else 8) or 8.",
     )
 
     @field_validator("lookup", mode="before")

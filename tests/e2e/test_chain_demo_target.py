@@ -131,6 +131,41 @@ def test_demo_target_greedy_parity(demo_target_dir, chat_prompts, drafter_dir, b
     assert metrics["num_draft_tokens"] == metrics["num_drafts"] * (h.BEAM_LENGTH - 1)
 
 
+def _low_bit_state(worker) -> tuple[list[int], int]:
+    """The proposer's low-bit weights on one worker: (their widths, products computed)."""
+    from vllm_redrafter.quant import LowBitRows, low_bit_calls
+
+    core = worker.model_runner.drafter.drafter
+    return sorted({m.bits for m in core.modules() if isinstance(m, LowBitRows)}), \
+        low_bit_calls(core)
+
+
+INT4_PROMPTS = 4
+
+
+def test_demo_target_chain_drafts_in_int4_with_parity(demo_target_dir, chat_prompts,
+                                                      baseline):
+    """``draft_int8`` on with the default ``draft_bits`` (4): every weight of the shipped
+    drafter is held in int4 (all its shapes fit), drafting steps of one or two requests
+    use them (two sequences at a time: at most 2 rows per product), and the output
+    stays identical to plain vLLM."""
+    spec = {"method": "redrafter", "model": str(SHIPPED_DRAFTER), "adaptive": False,
+            "draft_int8": True}
+    old = h.set_env({"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})
+    try:
+        with h.vllm_engine(model=str(demo_target_dir), max_model_len=1024, max_num_seqs=2,
+                           speculative_config=spec) as llm:
+            ids = h.generate_ids(llm, chat_prompts[:INT4_PROMPTS], h.NEW_TOKENS,
+                                 temperature=0.0)
+            metrics = h.spec_metrics(llm)
+            bits, calls = llm.collective_rpc(_low_bit_state)[0]
+    finally:
+        h.set_env(old)
+    assert ids == baseline[:INT4_PROMPTS]
+    assert bits == [4] and calls > 0
+    assert metrics["num_accepted_tokens"] > 0, metrics
+
+
 @pytest.fixture(scope="module")
 def tree_run(demo_target_dir, chat_prompts, short_prompts):
     spec = {"method": "redrafter", "model": str(SHIPPED_DRAFTER), "adaptive": False,

@@ -63,7 +63,8 @@ def test_llm_config_reaches_workers_as_custom_class(tiny_llama_dir, drafters):
         "custom_class", PROPOSER_CLASS_PATH, 3)
     expected = {"model": str(drafters["ok"].resolve()), "beam_width": 3,
                 "beam_length": 4, "tree": False, "draft_top_k": 5, "adaptive": True,
-                "lookup": None, "draft_dtype": "auto", "draft_int8": "auto"}
+                "lookup": None, "draft_dtype": "auto", "draft_int8": "auto",
+                "draft_bits": 4}
     assert config.additional_config["redrafter"] == expected
     # What the executor ships to workers (mp pickles; Ray cloudpickles the same state).
     clone = pickle.loads(pickle.dumps(config))

@@ -162,7 +162,10 @@ def test_verified_tokens_and_tree_config_names():
     assert dtypes["redrafter+bf16draft"]["draft_dtype"] == "bfloat16"
     int8 = config_specs("d", 4, 5, names=["redrafter+auto+int8", "redrafter-tree+int8"])
     assert int8["redrafter+auto+int8"] == {**int8["redrafter"], "adaptive": True,
-                                           "draft_int8": True}
+                                           "draft_int8": True, "draft_bits": 8}
+    int4 = config_specs("d", 4, 5, names=["redrafter-default+int4"])
+    assert int4["redrafter-default+int4"] == {"method": "redrafter", "model": "d",
+                                              "draft_int8": True, "draft_bits": 4}
     assert int8["redrafter-tree+int8"]["draft_int8"] is True
     off = config_specs("d", 4, 5, names=["redrafter@W1L5+auto+noint8"])
     assert off["redrafter@W1L5+auto+noint8"]["draft_int8"] is False

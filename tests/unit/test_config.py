@@ -81,8 +81,8 @@ def test_options_from_mapping():
         ReDrafterOptions.from_mapping({"beam_widht": 8, "zzz": 1, "beam_length": 3})
     message = str(info.value)
     assert "['beam_widht', 'zzz']" in message
-    assert ("['adaptive', 'beam_length', 'beam_width', 'draft_dtype', 'draft_int8', "
-            "'draft_top_k', 'lookup', 'tree']" in message)
+    assert ("['adaptive', 'beam_length', 'beam_width', 'draft_bits', 'draft_dtype', "
+            "'draft_int8', 'draft_top_k', 'lookup', 'tree']" in message)
     with pytest.raises(ValueError, match="beam_length"):
         ReDrafterOptions.from_mapping({"beam_length": 99})
 
@@ -276,3 +276,11 @@ def test_draft_int8_is_auto_by_default_and_validated():
         assert ReDrafterOptions(draft_int8=value).draft_int8 == value
     with pytest.raises(ValueError, match="draft_int8"):
         ReDrafterOptions(draft_int8="sometimes")
+
+
+def test_draft_bits_is_4_by_default_and_validated():
+    assert ReDrafterOptions().draft_bits == 4
+    assert ReDrafterOptions.from_mapping({"draft_bits": 8}).draft_bits == 8
+    for bad in (2, 16, "4"):
+        with pytest.raises(ValueError, match="draft_bits"):
+            ReDrafterOptions.from_mapping({"draft_bits": bad})

@@ -89,46 +89,52 @@ LOOKUP_SUFFIXES = {"skip": "skip_beams_match", "deep": "trusted_depth"}
 """Look-up options a config name sets by suffix: ``+skip<N>``, ``+deep<N>``."""
 
 
-INT8_SUFFIXES = {"+int8": True, "+noint8": False}
-"""Config-name suffixes pinning int8 drafting weights on or off (``"draft_int8"``;
-default ``"auto"``: on for bfloat16 drafting on CPU)."""
+INT8_SUFFIXES: dict[str, dict[str, Any]] = {
+    "+int8": {"draft_int8": True, "draft_bits": 8},
+    "+int4": {"draft_int8": True, "draft_bits": 4},
+    "+noint8": {"draft_int8": False},
+}
+"""Config-name suffixes pinning low-bit drafting weights on (8 or 4 bits) or off
+(``"draft_int8"``, ``"draft_bits"``; defaults ``"auto"`` and 4: on for bfloat16 drafting
+on CPU)."""
 
 
-def _split_suffix(name: str) -> tuple[str, str, Any] | None:
-    """``"x+auto"`` -> ``("x", "adaptive", True)``; ``"x+lookup4"`` ->
-    ``("x", "lookup", {"extra_nodes": 4})``; ``"x+fp32draft"`` -> ``("x", "draft_dtype",
-    "float32")``; ``"x+int8"`` / ``"x+noint8"`` -> ``("x", "draft_int8", True / False)``;
-    ``"x+skip3"`` -> ``("x", "skip_beams_match", 3)`` and ``"x+deep8"`` -> ``("x",
-    "trusted_depth", 8)`` (look-up options); None without a known suffix."""
+def _split_suffix(name: str) -> tuple[str, dict[str, Any]] | None:
+    """``"x+auto"`` -> ``("x", {"adaptive": True})``; ``"x+lookup4"`` ->
+    ``("x", {"lookup": {"extra_nodes": 4}})``; ``"x+fp32draft"`` -> ``("x",
+    {"draft_dtype": "float32"})``; ``"x+int4"`` -> ``("x", {"draft_int8": True,
+    "draft_bits": 4})`` (:data:`INT8_SUFFIXES`); ``"x+skip3"`` -> ``("x",
+    {"skip_beams_match": 3})`` and ``"x+deep8"`` -> ``("x", {"trusted_depth": 8})``
+    (look-up options); None without a known suffix."""
     if name.endswith(AUTO_SUFFIX):
-        return name[: -len(AUTO_SUFFIX)], "adaptive", True
-    for suffix, on in INT8_SUFFIXES.items():
+        return name[: -len(AUTO_SUFFIX)], {"adaptive": True}
+    for suffix, options in INT8_SUFFIXES.items():
         if name.endswith(suffix):
-            return name[: -len(suffix)], "draft_int8", on
+            return name[: -len(suffix)], dict(options)
     for suffix, dtype in DRAFT_DTYPE_SUFFIXES.items():
         if name.endswith(suffix):
-            return name[: -len(suffix)], "draft_dtype", dtype
+            return name[: -len(suffix)], {"draft_dtype": dtype}
     option = re.fullmatch(r"(.*)\+(%s)(\d+)" % "|".join(LOOKUP_SUFFIXES), name)
     if option is not None:
-        return option.group(1), LOOKUP_SUFFIXES[option.group(2)], int(option.group(3))
+        return option.group(1), {LOOKUP_SUFFIXES[option.group(2)]: int(option.group(3))}
     match = re.fullmatch(r"(.*)\+lookup(\d*)", name)
     if match is None:
         return None
     extra = match.group(2)
-    return match.group(1), "lookup", ({"extra_nodes": int(extra)} if extra else True)
+    return match.group(1), {"lookup": {"extra_nodes": int(extra)} if extra else True}
 
 
 def _named_spec(name: str, drafter: str, specs: dict[str, dict[str, Any] | None]
                 ) -> dict[str, Any] | None:
     """The spec a ``--configs`` name asks for: ``redrafter[-tree]@W<w>L<l>``, or any
     ReDrafter name with ``+auto``, ``+lookup[N]``, ``+skip<N>`` and ``+deep<N>`` (with
-    ``+lookup``), ``+int8`` / ``+noint8`` and ``+fp32draft`` / ``+bf16draft`` suffixes (e.g.
+    ``+lookup``), ``+int8`` / ``+int4`` / ``+noint8`` and ``+fp32draft`` / ``+bf16draft`` suffixes (e.g.
     ``redrafter+auto``, ``redrafter-tree+lookup``, ``redrafter-tree@W1L5+lookup4+auto``,
     ``redrafter-tree@W1L5+lookup4+skip3+deep8+auto``, ``redrafter+auto+fp32draft``)."""
     base, extra = name, {}
     while (split := _split_suffix(base)) is not None:
-        base, key, value = split
-        extra[key] = value
+        base, options = split
+        extra.update(options)
     parsed = parse_redrafter_name(base)
     if parsed is not None:
         tree, width, length = parsed

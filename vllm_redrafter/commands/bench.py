@@ -58,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with N extra tree nodes (redrafter-tree@W1L5+lookup4), "
                              "+skip<N> skips the beam search on trusted look-up matches of "
                              "N tokens (redrafter-tree+lookup+skip3); +int8 / "
-                             "+noint8 int8 drafting weights on / off (default: on for "
-                             "bf16 drafting on CPU); +fp32draft / +bf16draft the drafter's "
+                             "+int4 / +noint8 low-bit drafting weights on in 8 or 4 bits / "
+                             "off (default: 4 bits, on for bf16 drafting on CPU); +fp32draft / +bf16draft the drafter's "
                              "dtype")
     parser.add_argument("--beam-width", type=int, default=None,
                         help="ReDrafter beam width (default: the checkpoint's)")

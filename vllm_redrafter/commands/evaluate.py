@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-int8", action="store_true",
                         help="draft with the int8 weights of the draft_int8 option (every "
                              "product, as a batch-1 engine step on CPU in bfloat16 does)")
+    parser.add_argument("--draft-bits", type=int, choices=(8, 4), default=8,
+                        help="with --draft-int8: 8-bit weights, or 4-bit where a layer's "
+                             "shape allows (the draft_bits option)")
     parser.add_argument("--out", default=None, help="write the report JSON here")
 
 
@@ -128,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
     if args.draft_int8:
         from vllm_redrafter.quant import quantize_drafter_linears
 
-        # every product in int8 (here all rows of a response are drafted at once)
-        quantize_drafter_linears(drafter, max_rows=sys.maxsize)
+        # every product in low bits (here all rows of a response are drafted at once)
+        quantize_drafter_linears(drafter, max_rows=sys.maxsize, bits=args.draft_bits)
     categories = _categories(Path(args.questions))
     from vllm_redrafter.training.data import iter_generations
 
@@ -181,6 +184,6 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(
             {"data": str(data), "drafter": args.drafter, "beam_width": args.beam_width,
              "beam_length": args.beam_length, "max_tokens": args.max_tokens,
-             "dtype": args.dtype, "draft_int8": args.draft_int8, "node_budget": budget,
-             "rows": rows}, indent=1))
+             "dtype": args.dtype, "draft_int8": args.draft_int8,
+             "draft_bits": args.draft_bits, "node_budget": budget, "rows": rows}, indent=1))
     return 0
