@@ -114,11 +114,15 @@ class LowBitRows(nn.Module):
 
     bits = 0
 
-    def __init__(self, weight: torch.Tensor, max_rows: int) -> None:
+    def __init__(self, max_rows: int) -> None:
         super().__init__()
         self.max_rows = max_rows
         self.calls = 0
-        self.act_dtype = weight.dtype
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        """The activations' dtype: that of the scales, which follows ``module.to()``."""
+        raise NotImplementedError
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether ``x [*, K]`` takes the low-bit path (CPU, bfloat16, few rows)."""
@@ -149,11 +153,15 @@ class Int8Rows(LowBitRows):
     bits = 8
 
     def __init__(self, weight: torch.Tensor, max_rows: int = INT8_MAX_ROWS) -> None:
-        super().__init__(weight, max_rows)
+        super().__init__(max_rows)
         q, scale = quantize_rows(weight)
         self.register_buffer("qweight", q.to(weight.device), persistent=False)  # [N, K]
         self.register_buffer("scale", scale.to(weight.device, weight.dtype),
                              persistent=False)  # [N]
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        return self.scale.dtype
 
     def product(self, flat: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(flat, self.qweight, self.scale)  # [rows, N]
@@ -208,7 +216,7 @@ class Int4Rows(LowBitRows):
 
     def __init__(self, weight: torch.Tensor, max_rows: int = INT8_MAX_ROWS,
                  group_size: int = INT4_GROUP) -> None:
-        super().__init__(weight, max_rows)
+        super().__init__(max_rows)
         if not int4_fits(weight, group_size):
             raise ValueError(f"int4 needs a [N % 16 == 0, K % {group_size} == 0] weight, "
                              f"got {tuple(weight.shape)}")
@@ -220,6 +228,10 @@ class Int4Rows(LowBitRows):
         self.register_buffer("scales_zeros", scales_zeros.to(weight.device, weight.dtype)
                              .contiguous(), persistent=False)
         self.group_size = group_size
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        return self.scales_zeros.dtype
 
     def product(self, flat: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,

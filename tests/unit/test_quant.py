@@ -157,6 +157,7 @@ def test_int4_rows_match_their_dequantized_weight_and_halve_int8():
     assert not torch.allclose(out, exact, atol=1e-3)  # really the 4-bit weights
     assert int4.packed.numel() * 2 == Int8Rows(weight).qweight.numel()
     assert int4.calls == 1 and int4.bits == 4
+    assert int4.applies(x) and not int4.to(torch.float32).applies(x)  # scales follow .to()
 
 
 @needs_int4
