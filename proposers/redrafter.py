@@ -729,6 +729,7 @@ class ReDrafterProposer:
             self.options.beam_width,
             beam_length or self.options.beam_length,
             draft_top_k=self.options.draft_top_k,
+            with_scores=False,  # only the tokens are proposed
         )
         return beams.tokens  # [B, W, L]
 

@@ -24,6 +24,7 @@ Differences from the reference:
   reference instead emits junk beams with scores around ``-5e4``.
 - Ties between exactly equal finite joint scores are broken by ``torch.topk``:
   deterministic for a given input and device, but not specified to prefer any index.
+  The one-beam chain without scores takes an ``argmax`` (the first of equal maxima).
 
 Glossary: ``B`` batch, ``W`` beam width, ``L`` beam length (includes the init token),
 ``H`` target hidden size, ``Vd`` draft vocabulary (``= V`` without a draft vocab).
@@ -68,14 +69,15 @@ class Beams:
         tokens: ``[B, W, L]`` int64 **target** token ids; column 0 is the init token.
         scores: ``[B, W]`` float32 joint drafter log-prob of ``tokens[b, i, 1:]`` given
             the init token, sorted descending (beam 0 is the best). ``-inf`` marks
-            filler copies of beam 0 (see the module docstring).
+            filler copies of beam 0 (see the module docstring). None when the search
+            was asked not to keep them (``with_scores=False``).
         log_probs: ``[B, W, L-1, Vd]`` float32 or None. ``log_probs[b, i, k]`` is the
             (top-k masked) drafter log-distribution over draft ids that produced
             ``tokens[b, i, k + 1]``; masked entries are ``-inf``. None unless requested.
     """
 
     tokens: torch.Tensor
-    scores: torch.Tensor
+    scores: torch.Tensor | None
     log_probs: torch.Tensor | None = None
 
     @property
@@ -100,6 +102,7 @@ def beam_search(
     *,
     draft_top_k: int | None = None,
     return_log_probs: bool = False,
+    with_scores: bool = True,
 ) -> Beams:
     """Run the drafter's beam search for a batch of requests.
 
@@ -116,9 +119,13 @@ def beam_search(
         draft_top_k: if set (``>= 1``), only the top-k drafter logits of each step can
             be chosen; ties at the k-th value are all kept.
         return_log_probs: also return the per-step drafter log-distributions.
+        with_scores: False returns ``Beams.scores = None``; with one beam that skips
+            each step's log-sum-exp (:func:`_chain_search`).
 
     Returns:
-        :class:`Beams`.
+        :class:`Beams`. With ``W = 1`` (and no ``return_log_probs``) the search is the
+        greedy chain of :func:`_chain_search`: the same tokens without the beam
+        bookkeeping.
 
     Example: ``W = 2``, ``L = 3``, init token ``a``, draft vocabulary ``{x, y}`` and a
     drafter giving these log-probs::
@@ -133,8 +140,29 @@ def beam_search(
     ``[-0.1, -2.3, -inf, -inf, -inf]``.
     """
     batch = _check_inputs(hidden, init_tokens, beam_width, beam_length, draft_top_k)
-    device = hidden.device
+    if beam_width == 1 and not return_log_probs:
+        return _chain_search(drafter, embed, hidden, init_tokens, beam_length,
+                             draft_top_k, with_scores)
+    beams = _wide_search(drafter, embed, hidden, init_tokens, beam_width, beam_length,
+                         draft_top_k, return_log_probs)
+    return beams if with_scores else Beams(tokens=beams.tokens, scores=None,
+                                           log_probs=beams.log_probs)
 
+
+def _wide_search(
+    drafter: Drafter,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    init_tokens: torch.Tensor,
+    beam_width: int,
+    beam_length: int,
+    draft_top_k: int | None,
+    return_log_probs: bool,
+) -> Beams:
+    """The general beam search (any ``W``): ranks every (beam, candidate) extension each
+    step and gathers the survivors' tokens and states (arguments as :func:`beam_search`,
+    already checked)."""
+    batch, device = hidden.shape[0], hidden.device
     tokens = init_tokens.to(device=device, dtype=torch.int64).view(batch, 1, 1)
     scores = torch.zeros(batch, 1, dtype=torch.float32, device=device)  # [B, 1]
     state = drafter.initial_state((batch, 1), hidden.dtype, device)  # [B, 1, H]
@@ -163,6 +191,54 @@ def beam_search(
             )
 
     return Beams(tokens=tokens, scores=scores, log_probs=history)
+
+
+def _chain_search(
+    drafter: Drafter,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    init_tokens: torch.Tensor,
+    beam_length: int,
+    draft_top_k: int | None,
+    with_scores: bool,
+) -> Beams:
+    """Beam search with one beam: the drafter's most likely token at every step.
+
+    One beam keeps each step's best extension of the only sequence, so no candidates
+    are ranked and no beams are gathered; the tokens are written into one preallocated
+    ``[B, 1, L]`` tensor. A ``draft_top_k`` mask cannot remove a row's best token, so it
+    only changes the scores. Without scores, a drafter with ``best_draft(hidden,
+    state)`` (``RecurrentDrafter``: an argmax of its logits) answers directly and no
+    log-sum-exp is computed; otherwise each step takes its row's top candidate
+    (:func:`_step_candidates` with ``K = 1``).
+
+    Example: init token ``a``, drafter log-probs ``log q(. | a) = (x: -0.1, y: -2.3)``
+    and ``log q(. | a x) = (x: -0.4, y: -1.1)`` -> tokens ``[[a, x, x]]``, score
+    ``[-0.5]`` (what :func:`beam_search`'s docstring example keeps as its best beam).
+
+    Returns:
+        :class:`Beams` with ``tokens [B, 1, L]`` and ``scores [B, 1]`` float32 (None
+        unless ``with_scores``).
+    """
+    batch, device = hidden.shape[0], hidden.device
+    tokens = torch.empty(batch, 1, beam_length, dtype=torch.int64, device=device)
+    tokens[:, 0, 0] = init_tokens  # [B, 1, L]
+    scores = (torch.zeros(batch, 1, dtype=torch.float32, device=device)
+              if with_scores else None)  # [B, 1]
+    state = drafter.initial_state((batch, 1), hidden.dtype, device)  # [B, 1, H]
+    context = hidden[:, None, :]  # [B, 1, H]
+    best = None if with_scores else getattr(drafter, "best_draft", None)
+    for step in range(1, beam_length):
+        state = drafter.update_state(state, embed(tokens[:, :, step - 1]))  # [B, 1, H]
+        if best is not None:
+            draft_ids = best(context, state)  # [B, 1]
+        else:
+            log_q, ids = _step_candidates(drafter, context, state, 1, draft_top_k)
+            draft_ids = ids[:, :, 0]  # [B, 1]
+            if scores is not None:
+                scores = scores + log_q[:, :, 0]
+        tokens[:, :, step] = drafter.to_target_ids(draft_ids)
+    return Beams(tokens=tokens, scores=scores)
 
 
 def _check_inputs(

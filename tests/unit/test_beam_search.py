@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from vllm_redrafter.beam_search import Beams, beam_search
+from vllm_redrafter import beam_search as beam_search_module
+from vllm_redrafter.beam_search import Beams, _wide_search, beam_search
 from vllm_redrafter.tree import build_tree
 
 HIDDEN = 6
@@ -356,6 +357,50 @@ def test_rejects_mismatched_init_tokens(generator: torch.Generator) -> None:
         beam_search(drafter, embed, hidden, torch.tensor([1]), 2, 3)
 
 
+# ------------------------------------------------------------- one beam: the chain
+
+
+@pytest.mark.parametrize("top_k", [None, 1, 3])
+@pytest.mark.parametrize("draft_vocab", [None, [3, 7, 8, 11, 12, 13]])
+def test_one_beam_chain_matches_the_wide_search(
+    generator: torch.Generator, top_k: int | None, draft_vocab: list[int] | None
+) -> None:
+    drafter, embed, hidden, init = setup_problem(generator, 3, 6, draft_vocab=draft_vocab)
+    wide = _wide_search(drafter, embed, hidden, init, 1, 5, top_k, False)
+    chain = beam_search(drafter, embed, hidden, init, 1, 5, draft_top_k=top_k)
+    assert chain.tokens.shape == (3, 1, 5) and chain.tokens.dtype == torch.int64
+    assert torch.equal(chain.tokens, wide.tokens)
+    assert chain.scores is not None and chain.scores.dtype == torch.float32
+    torch.testing.assert_close(chain.scores, wide.scores, rtol=0, atol=1e-6)
+    bare = beam_search(drafter, embed, hidden, init, 1, 5, draft_top_k=top_k,
+                       with_scores=False)
+    assert bare.scores is None and torch.equal(bare.tokens, wide.tokens)
+
+
+def test_one_beam_never_ranks_beams(
+    generator: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """W = 1 takes the chain: no candidate ranking (negative control: W = 2 ranks)."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("ranked candidates")
+
+    monkeypatch.setattr(beam_search_module, "_select_top", refuse)
+    drafter, embed, hidden, init = setup_problem(generator, 2, 6)
+    assert beam_search(drafter, embed, hidden, init, 1, 4).tokens.shape == (2, 1, 4)
+    with pytest.raises(AssertionError, match="ranked"):
+        beam_search(drafter, embed, hidden, init, 2, 4)
+    with pytest.raises(AssertionError, match="ranked"):  # the history needs the wide loop
+        beam_search(drafter, embed, hidden, init, 1, 4, return_log_probs=True)
+
+
+def test_without_scores_wide_search_keeps_its_tokens(generator: torch.Generator) -> None:
+    drafter, embed, hidden, init = setup_problem(generator, 2, 6)
+    scored = beam_search(drafter, embed, hidden, init, 3, 4)
+    bare = beam_search(drafter, embed, hidden, init, 3, 4, with_scores=False)
+    assert bare.scores is None and torch.equal(bare.tokens, scored.tokens)
+
+
 # ------------------------------------------------------------- real drafter module
 
 
@@ -389,3 +434,36 @@ def test_real_recurrent_drafter_matches_naive(
     beams = beam_search(drafter, embed, hidden, init, 3, 4, draft_top_k=4)
     assert set(beams.tokens[:, :, 1:].unique().tolist()) <= set(config.draft_vocab)
     assert_matches_naive(beams, drafter, embed, hidden, init, top_k=4)
+
+
+def test_real_drafter_chain_without_scores_uses_best_draft(
+    generator: torch.Generator,
+) -> None:
+    """The unscored chain asks ``best_draft`` (no log-sum-exp); the scored one asks
+    ``top_candidates``; both give the naive search's tokens."""
+    config_mod = pytest.importorskip("vllm_redrafter.config")
+    drafter_mod = pytest.importorskip("vllm_redrafter.drafter")
+    config = config_mod.DrafterConfig(hidden_size=4, vocab_size=9, exit_dim=8,
+                                      num_draft_layers=2, draft_vocab=[0, 2, 3, 5, 7, 8])
+    drafter = drafter_mod.RecurrentDrafter(config, generator=generator).double()
+    with torch.no_grad():
+        drafter.lm_head.weight.mul_(40.0)
+    table = torch.randn(9, 4, generator=generator, dtype=torch.float64)  # [V, H]
+    hidden = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    init = torch.tensor([1, 4, 6])
+    asked = {"best_draft": 0, "top_candidates": 0}
+    for name in asked:
+        method = getattr(drafter, name)
+
+        def counted(*args: object, _method=method, _name=name, **kwargs: object):  # noqa: ANN202
+            asked[_name] += 1
+            return _method(*args, **kwargs)
+
+        setattr(drafter, name, counted)
+    bare = beam_search(drafter, lambda ids: table[ids], hidden, init, 1, 4,
+                       with_scores=False)
+    assert asked == {"best_draft": 3, "top_candidates": 0}
+    scored = beam_search(drafter, lambda ids: table[ids], hidden, init, 1, 4)
+    assert asked == {"best_draft": 3, "top_candidates": 3}
+    assert torch.equal(bare.tokens, scored.tokens)
+    assert_matches_naive(scored, drafter, lambda ids: table[ids], hidden, init)

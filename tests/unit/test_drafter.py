@@ -323,3 +323,49 @@ def test_dtype_names_are_one_map():
     with pytest.raises(ValueError, match=r"unknown dtype 'bf16': use one of bfloat16, "
                                          r"float16, float32"):
         torch_dtype("bf16")
+
+
+def test_best_draft_is_the_first_maximum_of_the_logits():
+    model = _make()
+    hidden, state = _randn(3, H, seed=2), _randn(3, H, seed=3)
+    best = model.best_draft(hidden, state)  # [3]
+    assert best.dtype == torch.int64 and best.shape == (3,)
+    assert torch.equal(best, model.logits(hidden, state).argmax(dim=-1))
+
+    class Fixed(torch.nn.Module):  # logits with ties at the maximum
+        def forward(self, z):  # noqa: ANN001, ANN201
+            rows = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0],
+                                 [0.0, 0.0, 2.0, 2.0]], dtype=z.dtype)
+            return rows[: z.shape[0]]
+
+    model.lm_head = Fixed()
+    assert model.best_draft(hidden, state).tolist() == [1, 0, 2]
+
+
+class _ShardedHead(torch.nn.Module):
+    """A vocab-sharded head (``tp_size > 1``) that only answers ``top_candidates``."""
+
+    tp_size = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[int] = []
+
+    def forward(self, z):  # noqa: ANN001, ANN201
+        raise AssertionError("all-gathered the logits")
+
+    def top_candidates(self, z, k, top_k=None):  # noqa: ANN001, ANN201
+        self.asked.append(k)
+        shape = (*z.shape[:-1], k)
+        return torch.zeros(shape), torch.full(shape, 7, dtype=torch.int64)
+
+
+def test_best_draft_asks_a_sharded_head_for_its_top_candidate():
+    model = _make()
+    head = _ShardedHead()
+    model.lm_head = head
+    best = model.best_draft(_randn(2, H, seed=2), _randn(2, H, seed=3))
+    assert best.tolist() == [7, 7] and head.asked == [1]
+    head.tp_size = 1  # negative control: an unsharded head's logits are read
+    with pytest.raises(AssertionError, match="all-gathered"):
+        model.best_draft(_randn(2, H, seed=2), _randn(2, H, seed=3))
