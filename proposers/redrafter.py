@@ -67,7 +67,7 @@ from vllm_redrafter.graphs import CudaGraphBackend, GraphedSearch, batch_buckets
 from vllm_redrafter.memory import beam_search_peak_bytes
 from vllm_redrafter.policy import DraftPolicy, TreeSizeTable
 from vllm_redrafter.quant import (
-    INT8_MAX_ROWS,
+    LOW_BIT_MAX_ROWS,
     LowBitRows,
     int8_supported,
     int8_wanted,
@@ -234,12 +234,14 @@ class VocabParallelDraftHead(nn.Module):
         if finalize is not None:
             finalize(self.head)
 
-    def enable_low_bit(self, weight: torch.Tensor, bits: int) -> bool:
+    def enable_low_bit(self, weight: torch.Tensor, bits: int,
+                       built: LowBitRows | None = None) -> bool:
         """Keep ``weight [Vd, E]`` (the full head) in ``bits`` too, for the products it
-        applies to (:func:`~vllm_redrafter.quant.low_bit_rows`); TP = 1 only."""
+        applies to (:func:`~vllm_redrafter.quant.low_bit_rows`); TP = 1 only. ``built``:
+        that copy, already made from ``weight`` (the start-up timing's), kept as is."""
         if self.tp_size != 1 or not int8_supported():
             return False
-        self.low_bit = low_bit_rows(weight, bits)
+        self.low_bit = built if built is not None else low_bit_rows(weight, bits)
         return True
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -505,7 +507,7 @@ class ReDrafterProposer:
         """The target's dtype."""
         self.draft_dtype = self.dtype
         """The drafter's dtype (option ``draft_dtype``; resolved in :meth:`load_model`)."""
-        self._int8 = False
+        self._low_bit = False
         """Whether the drafter keeps low-bit (``draft_bits``) copies of its weights
         (option ``draft_int8``; resolved in :meth:`load_model`)."""
         self.drafter: RecurrentDrafter | None = None
@@ -559,9 +561,10 @@ class ReDrafterProposer:
         self.draft_dtype = resolve_draft_dtype(
             self.options.draft_dtype, self.dtype, core.dtype, core.config.uses_target_head)
         core = core.to(self.draft_dtype)
-        self._int8 = int8_wanted(self.options.draft_int8, device.type, self.draft_dtype)
-        if self._int8 and self.options.draft_int8 == "auto":
-            self._int8 = self._int8_measured(core)
+        self._low_bit = int8_wanted(self.options.draft_int8, device.type, self.draft_dtype)
+        timed_head: LowBitRows | None = None  # the timing's low-bit copy of the own head
+        if self._low_bit and self.options.draft_int8 == "auto":
+            self._low_bit, timed_head = self._low_bit_measured(core)
         embed_dim = getattr(embed, "embedding_dim", core.hidden_size)
         if embed_dim != core.hidden_size:
             raise spec_config.ReDrafterConfigError(
@@ -570,7 +573,7 @@ class ReDrafterProposer:
             )
         embed = _CastEmbedding(embed, self.draft_dtype)
         head: VocabParallelDraftHead | TargetDraftHead
-        head_int8 = False  # whether the head also has int8 weights (own head, TP = 1)
+        head_low_bit = False  # whether the head also has low-bit weights (own head, TP = 1)
         if core.config.uses_target_head:
             core = core.to(device).eval().requires_grad_(False)
             columns = core.draft_vocab.to(device) if core.draft_vocab is not None else None
@@ -579,19 +582,21 @@ class ReDrafterProposer:
                                        core.config.vocab_size, columns)
             core.lm_head = head
         else:
-            full_head = core.lm_head.weight  # [Vd, E] on the CPU
+            full_head = core.lm_head.weight.to(device)  # [Vd, E]
             with set_current_vllm_config(self.vllm_config), torch.device(device):
                 head = VocabParallelDraftHead(
                     core.draft_vocab_size, core.config.exit_dim, self.draft_dtype
                 )
             core.lm_head = head  # replaces the full projection; frees it on every rank
             core = core.to(device).eval().requires_grad_(False)
-            head.load_full_weight(full_head.to(device))
-            if self._int8:
-                head_int8 = head.enable_low_bit(full_head.to(device),
-                                                self.options.draft_bits)
-        if self._int8:
-            self._enable_int8(core, device, head_int8)
+            head.load_full_weight(full_head)
+            if self._low_bit:
+                # the timed copy was built on the CPU ("auto" times only there)
+                reuse = timed_head if device.type == "cpu" else None
+                head_low_bit = head.enable_low_bit(full_head, self.options.draft_bits,
+                                                   built=reuse)
+        if self._low_bit:
+            self._enable_low_bit(core, device, head_low_bit)
 
         self.drafter, self.embed, self.device = core, embed, device
         self._rows = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
@@ -617,30 +622,37 @@ class ReDrafterProposer:
             self.options.draft_top_k, head.tp_size, "tree" if self.tree_mode else "chain",
             "CUDA graphs" if self._graphed is not None else "eager")
 
-    def _int8_measured(self, core: RecurrentDrafter) -> bool:
+    def _low_bit_measured(self, core: RecurrentDrafter
+                          ) -> tuple[bool, LowBitRows | None]:
         """``draft_int8: "auto"``: keep low-bit copies only if a one-row product through
         the drafter's largest own weight (its head) measures faster in ``draft_bits``
-        here. Under TP every rank uses rank 0's measurement (ranks must draft alike)."""
+        here. Under TP every rank uses rank 0's measurement (ranks must draft alike).
+
+        Returns ``(keep them, the timed copy)``; the copy is returned only when the timed
+        weight is the drafter's own head, so that :meth:`load_model` keeps it rather than
+        quantizing (and, in int4, packing) the head a second time."""
         from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
         weight = max((m.weight for m in core.modules() if type(m) is nn.Linear),
                      key=lambda w: w.numel(), default=None)  # [N, K]
         if weight is None:  # nothing of its own to quantize
-            return False
+            return False, None
         bits = self.options.draft_bits
-        pays, plain, quantized = low_bit_pays(weight, bits)
+        low = low_bit_rows(weight, bits)
+        pays, plain, quantized = low_bit_pays(weight, bits, low=low)
         if get_tensor_model_parallel_world_size() > 1:
             pays = bool(get_tp_group().broadcast_object(pays, src=0))
         logger.info("draft_int8=auto: one row through the drafter's %s weight takes "
                     "%.3f ms in %s, %.3f ms in int%d: %s", tuple(weight.shape), plain,
                     self.draft_dtype, quantized, bits,
                     "low-bit weights kept" if pays else "low-bit weights not used")
-        return pays
+        head = getattr(core.lm_head, "weight", None)
+        return pays, (low if pays and weight is head else None)
 
-    def _enable_int8(self, core: RecurrentDrafter, device: torch.device,
-                     head_int8: bool) -> None:
+    def _enable_low_bit(self, core: RecurrentDrafter, device: torch.device,
+                     head_low_bit: bool) -> None:
         """``draft_int8``: ``draft_bits`` copies of the drafter's own linear layers
-        (``head_int8``: whether the caller also kept the head in low bits); says when they
+        (``head_low_bit``: whether the caller also kept the head in low bits); says when they
         cannot take effect."""
         wrapped = quantize_drafter_linears(core, bits=self.options.draft_bits)
         if device.type != "cpu" or self.draft_dtype != torch.bfloat16:
@@ -650,12 +662,12 @@ class ReDrafterProposer:
                 "\"auto\", or serve bfloat16 / use a drafter stored in bfloat16)",
                 self.draft_dtype, device.type)
         else:
-            also = "and the head" if head_int8 else "(not the head: TP > 1 or a target head)"
+            also = "and the head" if head_low_bit else "(not the head: TP > 1 or a target head)"
             logger.info("draft_int8=%s, draft_bits=%d: %d linear layers %s also kept in "
                         "%d bits (int8 where int4 cannot take the shape) for drafting "
                         "steps of up to %d rows", self.options.draft_int8,
                         self.options.draft_bits, wrapped, also, self.options.draft_bits,
-                        INT8_MAX_ROWS)
+                        LOW_BIT_MAX_ROWS)
 
     def _make_lookup_policy(self) -> DraftPolicy | None:
         """The look-up-only steps' policy (:attr:`lookup_policy`): its length is the

@@ -33,9 +33,10 @@ from vllm_redrafter.logger import get_logger
 
 logger = get_logger(__name__)
 
-INT8_MAX_ROWS = 4
-"""Largest number of rows (batch x beams in one call) sent to the int8 product: measured
-faster than bfloat16 up to 4 rows and slower from 8 (``docs/bench/draft_int8.md``)."""
+LOW_BIT_MAX_ROWS = 4
+"""Largest number of rows (batch x beams in one call) sent to the int8 or int4 product:
+both measured faster than bfloat16 up to 4 rows and not from 8 (``docs/bench/draft_int8.md``,
+``docs/bench/draft_int4.md``)."""
 
 INT4_GROUP = 32
 """Columns per scale and offset of the int4 copies (every drafter width here is a
@@ -76,8 +77,8 @@ def median_ms(fn: Callable[[], object], repeats: int = 7) -> float:
 
 @torch.no_grad()
 def low_bit_pays(weight: torch.Tensor, bits: int = 8,
-                 measure: Callable[[Callable[[], object]], float] = median_ms
-                 ) -> tuple[bool, float, float]:
+                 measure: Callable[[Callable[[], object]], float] = median_ms,
+                 low: LowBitRows | None = None) -> tuple[bool, float, float]:
     """Whether the low-bit product (:func:`low_bit_rows`) beats the original one on this
     machine, measured.
 
@@ -85,10 +86,11 @@ def low_bit_pays(weight: torch.Tensor, bits: int = 8,
     its head) both ways: ``(low-bit faster, original ms, low-bit ms)``. Used by
     ``draft_int8: "auto"`` so that a CPU whose int8/int4 kernels are slow keeps
     bfloat16 (on this project's 2-core CPU, the 8,192 x 1,152 head: 0.87 ms -> 0.29 ms
-    in int8).
+    in int8). ``low``: the copy to time, already built from ``weight`` (so that the
+    caller can keep it); by default one is built here.
     """
     x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device)  # [1, K]
-    low = low_bit_rows(weight, bits)
+    low = low if low is not None else low_bit_rows(weight, bits)
     plain = measure(lambda: torch.nn.functional.linear(x, weight))
     quantized = measure(lambda: low(x))
     return quantized < plain, plain, quantized
@@ -152,7 +154,7 @@ class Int8Rows(LowBitRows):
 
     bits = 8
 
-    def __init__(self, weight: torch.Tensor, max_rows: int = INT8_MAX_ROWS) -> None:
+    def __init__(self, weight: torch.Tensor, max_rows: int = LOW_BIT_MAX_ROWS) -> None:
         super().__init__(max_rows)
         q, scale = quantize_rows(weight)
         self.register_buffer("qweight", q.to(weight.device), persistent=False)  # [N, K]
@@ -214,7 +216,7 @@ class Int4Rows(LowBitRows):
 
     bits = 4
 
-    def __init__(self, weight: torch.Tensor, max_rows: int = INT8_MAX_ROWS,
+    def __init__(self, weight: torch.Tensor, max_rows: int = LOW_BIT_MAX_ROWS,
                  group_size: int = INT4_GROUP) -> None:
         super().__init__(max_rows)
         if not int4_fits(weight, group_size):
@@ -238,7 +240,7 @@ class Int4Rows(LowBitRows):
                                                  self.scales_zeros)  # [rows, N]
 
 
-def low_bit_rows(weight: torch.Tensor, bits: int, max_rows: int = INT8_MAX_ROWS
+def low_bit_rows(weight: torch.Tensor, bits: int, max_rows: int = LOW_BIT_MAX_ROWS
                  ) -> LowBitRows:
     """:class:`Int4Rows` for ``bits == 4`` where the weight's shape and this torch allow
     it, else :class:`Int8Rows`."""
@@ -258,7 +260,7 @@ class LowBitLinear(nn.Module):
         bits: 8 or 4.
     """
 
-    def __init__(self, linear: nn.Linear, max_rows: int = INT8_MAX_ROWS,
+    def __init__(self, linear: nn.Linear, max_rows: int = LOW_BIT_MAX_ROWS,
                  bits: int = 8) -> None:
         super().__init__()
         self.linear = linear
@@ -276,7 +278,7 @@ class LowBitLinear(nn.Module):
         return y if self.linear.bias is None else y + self.linear.bias
 
 
-def quantize_drafter_linears(module: nn.Module, max_rows: int = INT8_MAX_ROWS,
+def quantize_drafter_linears(module: nn.Module, max_rows: int = LOW_BIT_MAX_ROWS,
                              bits: int = 8) -> int:
     """Wrap every plain ``nn.Linear`` below ``module`` in :class:`LowBitLinear` (in
     place); returns how many were wrapped. Other modules (the target's shared head, a
