@@ -650,10 +650,10 @@ class ReDrafterProposer:
         return pays, (low if pays and weight is head else None)
 
     def _enable_low_bit(self, core: RecurrentDrafter, device: torch.device,
-                     head_low_bit: bool) -> None:
+                        head_low_bit: bool) -> None:
         """``draft_int8``: ``draft_bits`` copies of the drafter's own linear layers
-        (``head_low_bit``: whether the caller also kept the head in low bits); says when they
-        cannot take effect."""
+        (``head_low_bit``: whether the caller also kept the head in low bits); says when
+        they cannot take effect."""
         wrapped = quantize_drafter_linears(core, bits=self.options.draft_bits)
         if device.type != "cpu" or self.draft_dtype != torch.bfloat16:
             logger.warning(
