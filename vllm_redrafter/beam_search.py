@@ -139,7 +139,7 @@ def beam_search(
     ``L = 2`` it would return ``[[a x], [a y], [a x], [a x], [a x]]`` with scores
     ``[-0.1, -2.3, -inf, -inf, -inf]``.
     """
-    batch = _check_inputs(hidden, init_tokens, beam_width, beam_length, draft_top_k)
+    _check_inputs(hidden, init_tokens, beam_width, beam_length, draft_top_k)
     if beam_width == 1 and not return_log_probs:
         return _chain_search(drafter, embed, hidden, init_tokens, beam_length,
                              draft_top_k, with_scores)
@@ -247,7 +247,8 @@ def _check_inputs(
     beam_width: int,
     beam_length: int,
     draft_top_k: int | None,
-) -> int:
+) -> None:
+    """Raise ``ValueError`` naming the first bad argument of :func:`beam_search`."""
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [B, H], got {tuple(hidden.shape)}")
     batch = hidden.shape[0]
@@ -265,7 +266,6 @@ def _check_inputs(
         )
     if draft_top_k is not None and draft_top_k < 1:
         raise ValueError(f"draft_top_k must be None or >= 1, got {draft_top_k}")
-    return batch
 
 
 def _draft_log_probs(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
