@@ -1,15 +1,25 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Benchmark subprocess: ``python -m vllm_redrafter.bench.worker JOB.json RESULT.json``.
+"""Benchmark subprocess, in one of two modes.
 
-Starts one ``vllm.LLM`` engine for one speculative configuration and measures every
-(temperature, concurrency) cell of the job on the same prompts. Concurrency ``c`` is
-enforced exactly: the engine's request queue is refilled as requests finish, so ``c``
-requests are in flight until the prompts run out.
+- ``python -m vllm_redrafter.bench.worker JOB.json RESULT.json``: start one ``vllm.LLM``
+  engine for one speculative configuration, measure every (temperature, concurrency) cell
+  of the job on the same prompts, write them to ``RESULT.json`` and exit.
+- ``python -m vllm_redrafter.bench.worker --serve JOB.json REPLY_FD``: start the engine,
+  then measure one cell per command, so that a parent can interleave the cells of several
+  live engines (:mod:`vllm_redrafter.bench.interleave`). Commands arrive as JSON lines on
+  stdin (``{"op": "cell", "temperature": 0.0, "concurrency": 4}``, ``{"op": "quit"}``);
+  replies go as JSON lines to the inherited file descriptor ``REPLY_FD``
+  (``{"ready": true}`` once warmed up, then ``{"cell": {...}}`` per command), never to
+  stdout, which carries vLLM's logs.
+
+Concurrency ``c`` is enforced exactly: the engine's request queue is refilled as requests
+finish, so ``c`` requests are in flight until the prompts run out.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,9 +88,9 @@ def _run_cell(llm: Any, prompts: list[list[int]], max_tokens: int, concurrency: 
     return [outputs[i] for i in range(len(prompts))], wall
 
 
-def main(job_path: str, result_path: str) -> int:
-    job = json.loads(Path(job_path).read_text())
-    name, spec, s = job["name"], job["spec"], job["settings"]
+def _start_engine(s: dict[str, Any], spec: dict[str, Any] | None) -> Any:
+    """The job's ``vllm.LLM`` engine, warmed up by one short request so that first-call
+    costs stay out of the measurement."""
     from vllm import LLM
 
     has_tokenizer = any((Path(s["target"]) / f).is_file()
@@ -89,34 +99,64 @@ def main(job_path: str, result_path: str) -> int:
               max_model_len=s["max_model_len"], max_num_seqs=max(s["concurrency"]),
               seed=s["seed"], speculative_config=spec, disable_log_stats=False,
               skip_tokenizer_init=not has_tokenizer)
-    # Warm-up: one short request, so first-call costs stay out of the measurement.
     _run_cell(llm, s["prompts"][:1], 8, 1, 0.0, "warmup")
-    cells = []
-    for temperature in s["temperatures"]:
-        for concurrency in s["concurrency"]:
-            before = counters_from_metrics(llm.get_metrics())
-            draft_before = _draft_seconds(llm)
-            policy_before = _policy_counters(llm)
-            token_ids, wall = _run_cell(llm, s["prompts"], s["max_tokens"], concurrency,
-                                        temperature, f"c{concurrency}t{temperature}")
-            draft_after = _draft_seconds(llm)
-            policy_after = _policy_counters(llm)
-            policy = {k: policy_after[k] - policy_before.get(k, 0.0) for k in policy_after}
-            counters = counters_from_metrics(llm.get_metrics()).minus(before)
-            draft_s = (draft_after - draft_before
-                       if draft_before is not None and draft_after is not None else None)
-            cell = CellResult(
-                config=name, concurrency=concurrency, temperature=temperature,
-                num_prompts=len(token_ids), output_tokens=sum(map(len, token_ids)),
-                wall_s=wall, draft_s=draft_s if spec else None,
-                counters=counters if spec else SpecCounters(), token_ids=token_ids,
-                policy=policy or None)
-            cells.append(cell)
-            print(f"[bench] {name} c={concurrency} T={temperature}: "
-                  f"{cell.output_tokens / wall:.1f} tok/s", file=sys.stderr, flush=True)
+    return llm
+
+
+def _measure_cell(llm: Any, name: str, spec: dict[str, Any] | None, s: dict[str, Any],
+                  temperature: float, concurrency: int, tag: str) -> CellResult:
+    """Run one (temperature, concurrency) cell on every prompt, with its counters."""
+    before = counters_from_metrics(llm.get_metrics())
+    draft_before = _draft_seconds(llm)
+    policy_before = _policy_counters(llm)
+    token_ids, wall = _run_cell(llm, s["prompts"], s["max_tokens"], concurrency,
+                                temperature, tag)
+    draft_after = _draft_seconds(llm)
+    policy_after = _policy_counters(llm)
+    policy = {k: policy_after[k] - policy_before.get(k, 0.0) for k in policy_after}
+    counters = counters_from_metrics(llm.get_metrics()).minus(before)
+    draft_s = (draft_after - draft_before
+               if draft_before is not None and draft_after is not None else None)
+    cell = CellResult(
+        config=name, concurrency=concurrency, temperature=temperature,
+        num_prompts=len(token_ids), output_tokens=sum(map(len, token_ids)),
+        wall_s=wall, draft_s=draft_s if spec else None,
+        counters=counters if spec else SpecCounters(), token_ids=token_ids,
+        policy=policy or None)
+    print(f"[bench] {name} c={concurrency} T={temperature}: "
+          f"{cell.output_tokens / wall:.1f} tok/s", file=sys.stderr, flush=True)
+    return cell
+
+
+def main(job_path: str, result_path: str) -> int:
+    job = json.loads(Path(job_path).read_text())
+    name, spec, s = job["name"], job["spec"], job["settings"]
+    llm = _start_engine(s, spec)
+    cells = [_measure_cell(llm, name, spec, s, temperature, concurrency,
+                           f"c{concurrency}t{temperature}")
+             for temperature in s["temperatures"] for concurrency in s["concurrency"]]
     Path(result_path).write_text(json.dumps({"cells": [cell_to_json(c) for c in cells]}))
     return 0
 
 
+def serve(job_path: str, reply_fd: int) -> int:
+    """Answer cell commands from stdin until ``quit`` or end of input (module docstring)."""
+    job = json.loads(Path(job_path).read_text())
+    name, spec, s = job["name"], job["spec"], job["settings"]
+    with os.fdopen(reply_fd, "w", buffering=1) as reply:
+        llm = _start_engine(s, spec)
+        reply.write(json.dumps({"ready": True}) + "\n")
+        for count, line in enumerate(sys.stdin):
+            command = json.loads(line)
+            if command.get("op") == "quit":
+                break
+            t, c = float(command["temperature"]), int(command["concurrency"])
+            cell = _measure_cell(llm, name, spec, s, t, c, f"n{count}c{c}t{t}")
+            reply.write(json.dumps({"cell": cell_to_json(cell)}) + "\n")
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--serve":
+        sys.exit(serve(sys.argv[2], int(sys.argv[3])))
     sys.exit(main(sys.argv[1], sys.argv[2]))

@@ -16,6 +16,7 @@ import platform
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MT_BENCH = Path("../shared/data/mt_bench_questions.jsonl")
 DEFAULT_DRAFTER = Path("examples/drafters/smollm2-135m-instruct")
@@ -73,9 +74,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=3600.0,
                         help="seconds allowed per configuration")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="run the configs this many rounds, in turn (none, x, none, "
-                             "x, ...), each cell against its own round's baseline, and "
-                             "report the median and range of the ratios (default 1)")
+                        help="measure every cell this many rounds, each cell against its "
+                             "own round's baseline, and report the median and range of "
+                             "the ratios (default 1)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="run one configuration at a time (all its cells, a fresh "
+                             "engine per round) instead of the default: every "
+                             "configuration's engine kept alive and each cell run on all "
+                             "of them back to back, in alternating order, so that a "
+                             "drifting machine moves both sides of a ratio alike (needs "
+                             "the memory of all the engines at once)")
     parser.add_argument("--out", default=None,
                         help="output dir (default: bench-results/<UTC timestamp>)")
 
@@ -101,7 +109,7 @@ def _beam_defaults(drafter: str | None, args: argparse.Namespace) -> tuple[int, 
 
 def run(args: argparse.Namespace) -> int:
     from vllm_redrafter.bench import report as rep
-    from vllm_redrafter.bench.runner import BenchSettings, config_specs, run_config
+    from vllm_redrafter.bench.runner import BenchSettings, config_specs
     from vllm_redrafter.training.data import load_prompts
     from vllm_redrafter.training.generate import render_prompts
 
@@ -141,24 +149,41 @@ def run(args: argparse.Namespace) -> int:
         print(f"vllm-redrafter bench: error: --repeats must be >= 1, got {args.repeats}",
               file=sys.stderr)
         return 2
-    cells = []
-    for round_ in range(args.repeats):
-        for name in args.configs:
-            tag = f" round {round_ + 1}/{args.repeats}" if args.repeats > 1 else ""
-            print(f"[bench] running {name}{tag} ({len(token_ids)} prompts)...",
-                  file=sys.stderr, flush=True)
-            log = out_dir / (f"{name}.log" if round_ == 0 else f"{name}.{round_ + 1}.log")
-            cells += [dataclasses.replace(cell, repeat=round_)
-                      for cell in run_config(name, specs[name], settings, log_path=log)]
+    if args.sequential:
+        cells = _run_sequential(args, specs, settings, out_dir, len(token_ids))
+    else:
+        from vllm_redrafter.bench.interleave import run_interleaved
+
+        cells = run_interleaved(args.configs, specs, settings, repeats=args.repeats,
+                                out_dir=out_dir)
     meta = {"date": stamp, "command": "vllm-redrafter bench " + shlex.join(sys.argv[2:]),
             "machine": {"platform": platform.platform(), "processor": platform.processor()}}
     run_settings = {"target": target, "drafter": drafter, "prompts": str(prompts_path),
                     "num_prompts": len(token_ids), "max_tokens": args.max_tokens,
                     "concurrency": args.concurrency, "temperatures": args.temperatures,
                     "dtype": args.dtype, "beam_width": width, "beam_length": length,
-                    "configs": args.configs, "repeats": args.repeats}
+                    "configs": args.configs, "repeats": args.repeats,
+                    "order": "sequential" if args.sequential else "interleaved"}
     report = rep.build_report(cells, run_settings, meta)
     paths = rep.write_reports(report, out_dir)
     print(rep.markdown_table(report))
     print(f"[bench] wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0 if all(c.status == "ok" for c in cells) else 1
+
+
+def _run_sequential(args: argparse.Namespace, specs: dict[str, dict[str, Any] | None],
+                    settings: Any, out_dir: Path, num_prompts: int) -> list[Any]:
+    """``--sequential``: one configuration at a time, all its cells, one engine per round
+    (none, x, none, x, ...)."""
+    from vllm_redrafter.bench.runner import run_config
+
+    cells = []
+    for round_ in range(args.repeats):
+        for name in args.configs:
+            tag = f" round {round_ + 1}/{args.repeats}" if args.repeats > 1 else ""
+            print(f"[bench] running {name}{tag} ({num_prompts} prompts)...",
+                  file=sys.stderr, flush=True)
+            log = out_dir / (f"{name}.log" if round_ == 0 else f"{name}.{round_ + 1}.log")
+            cells += [dataclasses.replace(cell, repeat=round_)
+                      for cell in run_config(name, specs[name], settings, log_path=log)]
+    return cells
