@@ -207,3 +207,18 @@ def test_accepted_sources_column():
     assert row["accepted_sources"] == {"drafter": 5, "lookup": 3, "both": 2}
     table = rep.markdown_table({"results": [row]})
     assert "| 5/3/2 |" in table
+
+
+def test_none_control_is_a_second_plain_engine_compared_like_any_config():
+    """``none-control`` runs without speculation and is compared with ``none`` (an A/A
+    ratio), not used as a baseline itself."""
+    from vllm_redrafter.bench.runner import CONTROL_CONFIG, config_specs
+
+    assert CONTROL_CONFIG == "none-control"
+    assert config_specs(None, 4, 5)[CONTROL_CONFIG] is None
+    cells = [_cell("none", 16, 0.0, 100, 10.0, token_ids=[[1]]),
+             _cell(CONTROL_CONFIG, 16, 0.0, 100, 9.0, token_ids=[[1]])]
+    rows = {r["config"]: r for r in rep.summarize(cells)}
+    assert rows["none"]["speedup_vs_baseline"] == 1.0
+    assert rows[CONTROL_CONFIG]["speedup_vs_baseline"] == pytest.approx(1.111, abs=1e-3)
+    assert rows[CONTROL_CONFIG]["identical_to_baseline"] == 1

@@ -114,14 +114,19 @@ class LiveConfig:
         return CellResult(config=self.name, concurrency=concurrency,
                           temperature=temperature, status="failed", error=self.error)
 
-    def close(self) -> None:
-        """Ask the engine to quit; stop its process group if it has not within 60 s."""
-        if self.proc is not None:
+    def request_quit(self) -> None:
+        """Ask the engine to quit (without waiting: engines shut down side by side)."""
+        if self.proc is not None and not self.proc.stdin.closed:
             try:
                 self.proc.stdin.write(b'{"op": "quit"}\n')
                 self.proc.stdin.close()
             except (BrokenPipeError, OSError):
                 pass
+
+    def close(self) -> None:
+        """Ask the engine to quit; stop its process group if it has not within 60 s."""
+        self.request_quit()
+        if self.proc is not None:
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -184,6 +189,8 @@ def run_interleaved(names: Sequence[str], specs: dict[str, dict[str, Any] | None
                         cell = by_name[name].run_cell(temperature, concurrency)
                         measured.append(dataclasses.replace(cell, repeat=round_))
         finally:
+            for config in live:
+                config.request_quit()
             for config in live:
                 config.close()
     return sorted(measured, key=lambda cell: _report_position(cell, names, settings))

@@ -46,7 +46,7 @@ def config_specs(drafter: str | None, beam_width: int, beam_length: int,
                  names: list[str] | tuple[str, ...] = ()) -> dict[str, dict[str, Any] | None]:
     """The speculative configs compared by ``bench``, keyed by name.
 
-    Always ``none``, ``ngram``, and (with a drafter) ``redrafter`` (chain) and
+    Always ``none``, ``none-control`` (:data:`CONTROL_CONFIG`), ``ngram``, and (with a drafter) ``redrafter`` (chain) and
     ``redrafter-tree`` at the given beam settings, and ``redrafter-default`` (only the
     drafter: every option at the plugin's default, as ``make demo`` serves it). Any name
     of ``names`` of the form
@@ -55,6 +55,7 @@ def config_specs(drafter: str | None, beam_width: int, beam_length: int,
     """
     specs: dict[str, dict[str, Any] | None] = {
         "none": None,
+        CONTROL_CONFIG: None,
         "ngram": {"method": "ngram", "num_speculative_tokens": ngram_tokens,
                   "prompt_lookup_max": 4, "prompt_lookup_min": 2},
     }
@@ -68,6 +69,11 @@ def config_specs(drafter: str | None, beam_width: int, beam_length: int,
                 specs[name] = spec
     return specs
 
+
+CONTROL_CONFIG = "none-control"
+"""A second engine without speculation, measured like any other config: its ratio to
+``none`` (an A/A comparison) shows how far two identical engines read apart in that cell,
+the noise band every other ratio of the run sits in."""
 
 DEFAULT_CONFIG = "redrafter-default"
 """The config serving the drafter with every option at the plugin's default."""

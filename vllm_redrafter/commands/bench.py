@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "redrafter-tree); redrafter = chain verification of the best "
                              "beam, redrafter-tree = the deduplicated tree of all beams, "
                              "redrafter-default = every option at the plugin's default; "
+                             "none-control = a second engine without speculation, whose "
+                             "ratio to none is the run's noise band (A/A); "
                              "redrafter[-tree]@W<w>L<l> sets the beams of one config; plain "
                              "names draft fixed lengths, a +auto suffix (redrafter+auto) "
                              "turns load-aware drafting on (the option's default); +lookup "
