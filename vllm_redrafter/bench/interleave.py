@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vllm_redrafter.bench.report import CellResult
-from vllm_redrafter.bench.runner import BenchSettings, _cell_from_json
+from vllm_redrafter.bench.runner import (BenchSettings, cell_from_json, worker_env,
+                                          write_job)
 from vllm_redrafter.logger import get_logger
 from vllm_redrafter.server import stop_process_group
 
@@ -71,32 +72,28 @@ class LiveConfig:
         self._reply_fd: int | None = None
         self._buffer = b""
 
-    def start(self) -> bool:
-        """Launch the engine and wait (up to the settings' timeout) until it is ready."""
-        job = self.workdir / f"{self.name}.job.json"
-        job.write_text(json.dumps({"name": self.name, "spec": self.spec,
-                                   "settings": dataclasses.asdict(self.settings)}))
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(callable), ours only
+    def start(self) -> None:
+        """Launch the engine and wait (up to the settings' timeout) until it is ready;
+        on failure ``error`` says why."""
+        job = write_job(self.workdir / f"{self.name}.job.json", self.name, self.spec,
+                        self.settings)
         read_fd, write_fd = os.pipe()
         log = open(self.log_path, "a") if self.log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(
                 [*self.command, str(job), str(write_fd)], stdin=subprocess.PIPE,
-                stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,),
+                stdout=log, stderr=subprocess.STDOUT, env=worker_env(), pass_fds=(write_fd,),
                 start_new_session=True)  # its engine-core processes go with it
         except OSError as exc:
             os.close(read_fd)
             self._fail(f"could not start: {exc}")
-            return False
+            return
         finally:
             os.close(write_fd)
             if self.log_path:
                 log.close()
         self._reply_fd = read_fd
-        reply = self._read_reply("start")
-        return reply is not None and reply.get("ready") is True
+        self._read_reply("start")  # {"ready": true} once warmed up
 
     def run_cell(self, temperature: float, concurrency: int) -> CellResult:
         """Measure one cell on this engine; a failed cell if the engine is gone."""
@@ -110,7 +107,7 @@ class LiveConfig:
             else:
                 reply = self._read_reply(f"c={concurrency} T={temperature}")
                 if reply is not None and "cell" in reply:
-                    return _cell_from_json(reply["cell"])
+                    return cell_from_json(reply["cell"])
         return CellResult(config=self.name, concurrency=concurrency,
                           temperature=temperature, status="failed", error=self.error)
 

@@ -46,10 +46,10 @@ def config_specs(drafter: str | None, beam_width: int, beam_length: int,
                  names: list[str] | tuple[str, ...] = ()) -> dict[str, dict[str, Any] | None]:
     """The speculative configs compared by ``bench``, keyed by name.
 
-    Always ``none``, ``none-control`` (:data:`CONTROL_CONFIG`), ``ngram``, and (with a drafter) ``redrafter`` (chain) and
-    ``redrafter-tree`` at the given beam settings, and ``redrafter-default`` (only the
-    drafter: every option at the plugin's default, as ``make demo`` serves it). Any name
-    of ``names`` of the form
+    Always ``none``, ``none-control`` (:data:`CONTROL_CONFIG`), ``ngram``, and (with a
+    drafter) ``redrafter`` (chain) and ``redrafter-tree`` at the given beam settings, and
+    ``redrafter-default`` (only the drafter: every option at the plugin's default, as
+    ``make demo`` serves it). Any name of ``names`` of the form
     ``redrafter[-tree]@W<w>L<l>`` adds that configuration, e.g. ``redrafter@W1L5`` (chain,
     one beam) or ``redrafter-tree@W2L4``.
     """
@@ -182,13 +182,9 @@ def run_config(name: str, spec: dict[str, Any] | None, settings: BenchSettings,
                log_path: Path | None = None) -> list[CellResult]:
     """Run one configuration in a subprocess; on failure, failed cells with the error."""
     with tempfile.TemporaryDirectory(prefix="redrafter-bench-") as tmp:
-        job = Path(tmp) / "job.json"
+        job = write_job(Path(tmp) / "job.json", name, spec, settings)
         result = Path(tmp) / "result.json"
-        job.write_text(json.dumps({"name": name, "spec": spec,
-                                   "settings": dataclasses.asdict(settings)}))
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(callable), ours only
+        env = worker_env()
         log = open(log_path, "a") if log_path else subprocess.DEVNULL
         error = None
         try:
@@ -203,7 +199,7 @@ def run_config(name: str, spec: dict[str, Any] | None, settings: BenchSettings,
             if log_path:
                 log.close()
         if error is None and result.is_file():
-            return [_cell_from_json(c) for c in json.loads(result.read_text())["cells"]]
+            return [cell_from_json(c) for c in json.loads(result.read_text())["cells"]]
         if error is None:
             error = "no result written"
         if log_path:
@@ -214,7 +210,24 @@ def run_config(name: str, spec: dict[str, Any] | None, settings: BenchSettings,
                 for t in settings.temperatures for c in settings.concurrency]
 
 
-def _cell_from_json(d: dict[str, Any]) -> CellResult:
+def write_job(path: Path, name: str, spec: dict[str, Any] | None,
+              settings: BenchSettings) -> Path:
+    """Write the JSON job a bench worker subprocess reads (its config and settings)."""
+    path.write_text(json.dumps({"name": name, "spec": spec,
+                                "settings": dataclasses.asdict(settings)}))
+    return path
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a bench worker subprocess."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(callable), ours only
+    return env
+
+
+def cell_from_json(d: dict[str, Any]) -> CellResult:
+    """The inverse of :func:`cell_to_json`."""
     d = dict(d)
     d["counters"] = SpecCounters(**d["counters"])
     return CellResult(**d)

@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=3600.0,
-                        help="seconds allowed per configuration")
+                        help="seconds allowed per configuration with --sequential; by "
+                             "default, per engine start and per cell")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure every cell this many rounds, each cell against its "
                              "own round's baseline, and report the median and range of "
