@@ -71,6 +71,9 @@ def test_bench_smoke(tiny_llama_dir, random_drafter_dir, tmp_path):
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "| redrafter | 1 | 0.0 |" in (out / "bench.md").read_text()
     assert "| redrafter | 1 | 0.0 |" in proc.stdout
+    # the report names the machine it measured (CPU, its matmul flags, cores, versions)
+    assert report["machine"]["cpus"] >= 1 and "cpu_flags" in report["machine"]
+    assert (out / "bench.md").read_text().startswith("Machine: ")
 
 
 def test_verify_cost_smoke(tiny_llama_dir, random_drafter_dir, tmp_path):

@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vllm_redrafter.bench.machine import machine_line
+
 SCHEMA = "vllm-redrafter-bench/1"
 BASELINE = "none"
 
@@ -288,7 +290,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     head = ("| config | conc. | temp | tok/s | vs none | τ | accept/depth | verified/step "
             "| draft time | no-draft steps | draft len | accepted D/L/both | identical |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    lines = [head]
+    machine = report.get("machine") or {}
+    lines = [f"Machine: {machine_line(machine)}", "", head] if "cpu" in machine else [head]
     summary = report.get("repeats") or []
     for r in report["results"]:
         name = f"{r['config']} #{r.get('repeat', 0) + 1}" if summary else r["config"]

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import platform
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
+
+from vllm_redrafter.bench.machine import describe_machine, machine_line
 
 DEFAULT_MT_BENCH = Path("../shared/data/mt_bench_questions.jsonl")
 DEFAULT_DRAFTER = Path("examples/drafters/smollm2-135m-instruct")
@@ -152,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"vllm-redrafter bench: error: --repeats must be >= 1, got {args.repeats}",
               file=sys.stderr)
         return 2
+    machine = describe_machine()
+    print(f"[bench] machine: {machine_line(machine)}", file=sys.stderr, flush=True)
     if args.sequential:
         cells = _run_sequential(args, specs, settings, out_dir, len(token_ids))
     else:
@@ -160,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         cells = run_interleaved(args.configs, specs, settings, repeats=args.repeats,
                                 out_dir=out_dir)
     meta = {"date": stamp, "command": "vllm-redrafter bench " + shlex.join(sys.argv[2:]),
-            "machine": {"platform": platform.platform(), "processor": platform.processor()}}
+            "machine": machine}
     run_settings = {"target": target, "drafter": drafter, "prompts": str(prompts_path),
                     "num_prompts": len(token_ids), "max_tokens": args.max_tokens,
                     "concurrency": args.concurrency, "temperatures": args.temperatures,

