@@ -200,18 +200,50 @@ def torch_threads(num: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def vllm_engine(**kwargs: Any) -> Iterator[Any]:
-    """An ``LLM`` that is shut down on exit (engines run one at a time on CPU)."""
+def vllm_engine(*, in_process: bool | None = None, **kwargs: Any) -> Iterator[Any]:
+    """An ``LLM`` that is shut down on exit (engines run one at a time on CPU).
+
+    ``in_process`` (default: whether ``speculative_config`` is given) runs the engine core
+    and its worker inside the test process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): on a
+    2-core CPU an engine then starts in ~5 s instead of ~35 s (no two spawned processes
+    re-importing vLLM and torch), and the worker code under test is the same.
+
+    Plain references default to their own processes: a ReDrafter engine's proposer-stage
+    patches (runner hooks, the tree attention backend) are process-wide and stay after it
+    shuts down, so an in-process reference could run through them. The multiprocess
+    topology users get is kept where it matters: ``in_process=False`` (aborts, tensor
+    parallelism), and the ``vllm serve``, example, bench and plugin-loading tests, which
+    start real processes.
+
+    In process, vLLM binds the calling thread to one CPU and replaces
+    ``torch.set_num_threads``; both are put back on exit, so later subprocesses (servers,
+    CLIs) get every CPU. ``vllm.envs``' cache, which an in-process engine core turns on,
+    is turned off on entry and exit so that environment changes between engines count.
+    """
+    import vllm.envs
     from vllm import LLM
 
-    llm = LLM(**{**ENGINE_KWARGS, **kwargs})
+    affinity = os.sched_getaffinity(0)
+    set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
+    if in_process is None:
+        in_process = kwargs.get("speculative_config") is not None
+    old_env = set_env({"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if in_process else "1"})
+    vllm.envs.disable_envs_cache()
     try:
-        yield llm
+        llm = LLM(**{**ENGINE_KWARGS, **kwargs})
+        try:
+            yield llm
+        finally:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
     finally:
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+        set_env(old_env)
+        vllm.envs.disable_envs_cache()
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(num_threads)
+        os.sched_setaffinity(0, affinity)
 
 
 def generate_ids(

@@ -80,7 +80,7 @@ def test_tp2_multiprocessing_matches_tp1(assets, plain, tp1, mode):
     old = h.set_env(TP_ENV)
     try:
         ids, metrics = _greedy(assets, mode, tensor_parallel_size=2,
-                               distributed_executor_backend="mp")
+                               distributed_executor_backend="mp", in_process=False)
     finally:
         h.set_env(old)
     assert ids == plain

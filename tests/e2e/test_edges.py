@@ -16,6 +16,9 @@ Cases: stop token ids, ``max_tokens`` from 1 to 13, prompts ending 1..4 tokens b
 cache hits), long chunked prompts, and requests aborted mid-generation beside requests that
 run on. Stop strings and the tokenizer's EOS need a tokenizer: the demo-target module has
 them (``test_chain_demo_target.py``).
+
+All three engines run with vLLM's engine-core and worker processes (the topology users
+get, where aborts arrive over IPC).
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def _engine_outputs(assets, name, greedy):
     spec = _spec(assets, name)
     with h.vllm_engine(model=str(assets["target_dir"]), skip_tokenizer_init=True,
                        max_model_len=MAX_MODEL_LEN, speculative_config=spec,
-                       **ENGINES[name]) as llm:
+                       in_process=False, **ENGINES[name]) as llm:
         if greedy is None:
             greedy = h.generate_ids(llm, assets["prompts"], h.NEW_TOKENS, temperature=0.0)
         out = {case: _generate(llm, prompts, params)

@@ -189,7 +189,8 @@ register_patch(
         "offset, so a seeded sampled request prefilled in chunks kills the engine "
         "(RuntimeError: CPU Generator does not use offset). Drafts take scheduler "
         "budget, so with speculation chunking happens under ordinary load.",
-        how="On the CPU platform: sample_tokens keeps the states of the discarded "
+        how="On the CPU platform, in runners whose drafter is ReDrafter (other engines "
+        "in the process keep vLLM's behaviour): sample_tokens keeps the states of the discarded "
         "requests' CPU generators before sampling (integration/runner.py); "
         "_bookkeeping_sync runs with those generators removed from "
         "input_batch.generators, then restores their states and puts them back (the "

@@ -216,7 +216,11 @@ def step_has_no_drafts(runner: Any, spec_decode_metadata: Any) -> bool:
 def note_sampling_start(runner: Any) -> None:
     """``sample_tokens`` starts (hook ``cpu-seeded-discard-rewind``): keep the state of
     every CPU generator of a request whose sample this step will discard (a partial
-    prefill chunk), before the sampler draws from it."""
+    prefill chunk), before the sampler draws from it. Only ReDrafter engines carry the
+    fix: a plain engine sharing the process (in-process engines) keeps vLLM's behaviour."""
+    if redrafter_of(runner) is None:
+        _STATE.rewind = None
+        return
     num_reqs = int(runner.input_batch.num_reqs)
     discarded = np.nonzero(runner.discard_request_mask.np[:num_reqs])[0]
     states = {}
