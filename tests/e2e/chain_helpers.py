@@ -199,6 +199,11 @@ def torch_threads(num: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+"""vLLM's switch: ``"0"`` runs an engine's core and worker in the calling process (set by
+:func:`vllm_engine`, and by the tests that start a CLI whose engine may run so)."""
+
+
 @contextlib.contextmanager
 def vllm_engine(*, in_process: bool | None = None, **kwargs: Any) -> Iterator[Any]:
     """An ``LLM`` that is shut down on exit (engines run one at a time on CPU).
@@ -227,7 +232,7 @@ def vllm_engine(*, in_process: bool | None = None, **kwargs: Any) -> Iterator[An
     set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
     if in_process is None:
         in_process = kwargs.get("speculative_config") is not None
-    old_env = set_env({"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if in_process else "1"})
+    old_env = set_env({MULTIPROCESSING_ENV: "0" if in_process else "1"})
     vllm.envs.disable_envs_cache()
     try:
         llm = LLM(**{**ENGINE_KWARGS, **kwargs})

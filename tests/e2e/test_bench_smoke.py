@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e import chain_helpers as h
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
@@ -20,7 +22,7 @@ def _env() -> dict[str, str]:
     """The bench's engine workers run their engine in their own process (~30 s less per
     engine on 2 cores): these tests check the reports, and the bench's numbers in the
     README come from runs with vLLM's default multiprocess engines."""
-    return {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    return {**os.environ, h.MULTIPROCESSING_ENV: "0"}
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e import chain_helpers as h
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 VENV_BIN = Path(sys.executable).parent
@@ -24,7 +26,7 @@ def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     # generate's engine in the CLI's own process: ~30 s less per engine on 2 cores; the
     # multiprocess topology is the serve, bench and example tests' subject, not this one's
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env[h.MULTIPROCESSING_ENV] = "0"
     proc = subprocess.run([str(VENV_BIN / "vllm-redrafter"), *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
