@@ -119,10 +119,28 @@ def test_repeats_compare_each_round_with_its_own_baseline():
     assert rep.repeat_summary(rows) == [{"config": "x", "concurrency": 1,
                                          "temperature": 0.0, "median": 1.0,
                                          "low": ratios[1], "high": ratios[2],
-                                         "repeats": 3}]
+                                         "best": 0.909, "repeats": 3}]
     md = rep.markdown_table(rep.build_report(cells, {}, {}))
     assert "| x #2 | 1 | 0.0 |" in md
-    assert "| x | 1 | 0.0 | 1.00× | 0.91–1.05× | 3 |" in md
+    assert "| x | 1 | 0.0 | 1.00× | 0.91–1.05× | 0.91× | 3 |" in md
+
+
+def test_repeats_best_compares_each_engines_fastest_round():
+    """``best`` divides the config's fastest round by the baseline's fastest round, even
+    when they come from different rounds: both engines ran 10 s clean once, so ``best``
+    is 1.0x, while the same-round ratios (2.0x in a round where a burst slowed only the
+    baseline, then 0.91x and 0.83x where bursts slowed only the config) give a median of
+    0.91x. Negative control: a faster baseline round (9 s) moves ``best`` to 0.9x."""
+    cells = []
+    for round_, (base_wall, wall) in enumerate([(20.0, 10.0), (10.0, 11.0), (10.0, 12.0)]):
+        cells += [_cell("none", 1, 0.0, 100, base_wall, token_ids=[[1]], repeat=round_),
+                  _cell("x", 1, 0.0, 100, wall, token_ids=[[1]], repeat=round_)]
+    (summary,) = rep.repeat_summary(rep.summarize(cells))
+    assert summary["median"] == pytest.approx(0.909, abs=1e-3)
+    assert summary["high"] == 2.0
+    assert summary["best"] == 1.0
+    cells[0] = _cell("none", 1, 0.0, 100, 9.0, token_ids=[[1]], repeat=0)
+    assert rep.repeat_summary(rep.summarize(cells))[0]["best"] == pytest.approx(0.9)
 
 
 def test_verified_tokens_and_tree_config_names():
