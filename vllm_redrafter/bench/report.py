@@ -244,7 +244,7 @@ def repeat_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     fastest: dict[tuple[str, int, float], float] = {}
     for r in rows:
         key = (r["config"], r["concurrency"], r["temperature"])
-        if r.get("output_tok_per_s") is not None and r.get("status", "ok") == "ok":
+        if r["status"] == "ok" and r["output_tok_per_s"] is not None:
             fastest[key] = max(fastest.get(key, 0.0), r["output_tok_per_s"])
         if r["config"] != BASELINE and r["speedup_vs_baseline"] is not None:
             ratios.setdefault(key, []).append(r["speedup_vs_baseline"])
@@ -289,6 +289,11 @@ def _depths(values: list[float] | None, keep: int = 4) -> list[float] | None:
     return values[: min(len(values), last + 1)]
 
 
+def _times(x: float | None) -> str:
+    """A ratio for display: ``1.234`` -> ``"1.23×"``, ``None`` -> ``"–"``."""
+    return f"{_fmt(x, '.2f')}{'×' if x else ''}"
+
+
 def _percent(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
@@ -320,8 +325,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {r['concurrency']} | {r['temperature']} | "
             f"{_fmt(r['output_tok_per_s'], '.1f')} | "
-            f"{_fmt(r['speedup_vs_baseline'], '.2f')}{'×' if r['speedup_vs_baseline'] else ''}"
-            f" | {_fmt(r['mean_acceptance_length'], '.2f')} | "
+            f"{_times(r['speedup_vs_baseline'])} | {_fmt(r['mean_acceptance_length'], '.2f')} | "
             f"{_fmt(_depths(r['acceptance_per_depth']))} | "
             f"{_fmt(r.get('mean_verified_tokens'), '.1f')} | "
             f"{'–' if share is None else f'{100 * share:.0f}%'} | "
@@ -333,7 +337,7 @@ def markdown_table(report: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {s['config']} | {s['concurrency']} | {s['temperature']} | "
                   f"{s['median']:.2f}× | {s['low']:.2f}–{s['high']:.2f}× | "
-                  f"{_fmt(s.get('best'), '.2f')}{'×' if s.get('best') else ''} | "
+                  f"{_times(s.get('best'))} | "
                   f"{s['repeats']} |"
                   for s in summary]
     return "\n".join(lines) + "\n"
