@@ -65,7 +65,7 @@ from vllm_redrafter.lookup import (
 )
 from vllm_redrafter.graphs import CudaGraphBackend, GraphedSearch, batch_buckets
 from vllm_redrafter.memory import beam_search_peak_bytes
-from vllm_redrafter.policy import DraftPolicy, TreeSizeTable
+from vllm_redrafter.policy import DraftPolicy, TreeSizeTable, cost_clock
 from vllm_redrafter.quant import (
     LOW_BIT_MAX_ROWS,
     LowBitRows,
@@ -448,6 +448,9 @@ class ReDrafterProposer:
 
     lookup: LookupOptions | None = None
     """Context look-up branches joined with the beams (``lookup``, tree mode only)."""
+    _cost_clock: Callable[[], float] = staticmethod(time.perf_counter)
+    """The clock of the policy's costs: :func:`~vllm_redrafter.policy.cost_clock` of the
+    device from :meth:`load_model` on (the thread's CPU time on a CPU)."""
     lookup_policy: DraftPolicy | None = None
     """With ``lookup.skip_beams_match``: the policy of the steps whose every request
     has a trusted look-up continuation (no beam search): its own acceptance, tree sizes
@@ -599,6 +602,10 @@ class ReDrafterProposer:
             self._enable_low_bit(core, device, head_low_bit)
 
         self.drafter, self.embed, self.device = core, embed, device
+        self._cost_clock = cost_clock(device.type)
+        from vllm_redrafter.integration import runner as runner_state
+
+        runner_state.set_cost_clock(self._cost_clock)  # the step timer's clock too
         self._rows = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
         self._init = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
         if device.type == "cuda":
@@ -776,7 +783,7 @@ class ReDrafterProposer:
             tree of the ``W`` beams for every request that a tree can serve; the best
             beam's ``L - 1`` tokens (a chain) for the others.
         """
-        start = time.perf_counter()
+        start, cost_start = time.perf_counter(), self._cost_clock()
         self._observe(step.costs)
         self._attribute(step)
         # {row: candidates} at the full depth: before the decision only where they pick
@@ -804,10 +811,10 @@ class ReDrafterProposer:
         if proposal.trees and policy.tree is not None:
             sizes = [tree.num_nodes - 1 for tree in proposal.trees.values()]
             policy.tree.observe(length, sum(sizes) / len(sizes))
-        elapsed = time.perf_counter() - start
         if searched == (policy is self.policy):  # D(B, k) of the step's own kind: the
-            policy.draft.observe(len(step.requests), length, elapsed)  # beam search's
-        self.draft_seconds += elapsed
+            policy.draft.observe(len(step.requests), length,  # beam search's
+                                 self._cost_clock() - cost_start)
+        self.draft_seconds += time.perf_counter() - start
         self.num_proposals += len(step.requests)
         return proposal
 

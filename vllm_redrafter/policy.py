@@ -49,6 +49,8 @@ do not draft.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 EMA = 0.2
@@ -56,6 +58,26 @@ EMA = 0.2
 
 BINS_PER_OCTAVE = 4
 """Cost tables bin token and request counts on a log scale, 4 bins per doubling."""
+
+
+def cost_clock(device_type: str) -> Callable[[], float]:
+    """The clock the policy's step and drafting costs are read with: the calling thread's
+    CPU time on a ``"cpu"`` device, wall time on any other.
+
+    On a virtual machine, wall time includes the hypervisor's *steal* (time the virtual
+    CPU was ready and something else ran). On this project's shared VM it came in bursts of
+    20-55% (2026-12-03): an identical schedule's forward read 8.6 to 25.8 s. The policy
+    measures a plain step's cost only once every ``explore_every`` drafting steps, so one
+    plain step timed in a burst made every draft look cheap for the next 64 steps. A
+    thread's CPU time leaves steal out (in a 5 s busy loop, wall minus thread time equalled
+    the CPU's steal to 0.01 s) and still counts the forward the thread runs, or spins in
+    while OpenMP's other threads finish theirs. On a GPU the host thread may sleep in a
+    blocking synchronisation, so there the wall clock is the cost.
+
+    Example: ``cost_clock("cpu") is time.thread_time``; ``cost_clock("cuda") is
+    time.perf_counter``.
+    """
+    return time.thread_time if device_type == "cpu" else time.perf_counter
 
 
 def _bin(n: int) -> int:

@@ -74,7 +74,9 @@ class StepCosts:
     Attributes:
         num_tokens: tokens the target computed in the step.
         forward_seconds: seconds from the start of the step's model execution to
-            drafting (forward and sampling), or None if not measured.
+            drafting (forward and sampling) by the policy's clock
+            (:func:`vllm_redrafter.policy.cost_clock`: the thread's CPU time on a CPU),
+            or None if not measured.
         verified: ``(drafted, accepted)`` per request that carried a draft: tokens (or
             tree nodes) drafted for it and draft tokens accepted.
     """

@@ -29,6 +29,33 @@ def test_step_costs_from_the_finished_step():
     assert again.forward_seconds is None and again.verified == ()  # timer consumed
 
 
+def test_step_costs_use_the_proposers_clock():
+    """The step timer reads the clock the proposer set (the thread's CPU time on a CPU);
+    negative control: the wall clock, restored, counts a sleep."""
+    import time
+
+    ticks = iter([10.0, 10.25])
+    runner_state.set_cost_clock(lambda: next(ticks))
+    try:
+        runner_state.note_step_start()
+        costs = runner_state._step_costs(SimpleNamespace(total_num_scheduled_tokens=1),
+                                         [[1]], None)
+        assert costs.forward_seconds == 0.25
+        runner_state.set_cost_clock(time.thread_time)
+        runner_state.note_step_start()
+        time.sleep(0.2)
+        cpu = runner_state._step_costs(SimpleNamespace(total_num_scheduled_tokens=1),
+                                       [[1]], None).forward_seconds
+        assert cpu is not None and cpu < 0.05
+    finally:
+        runner_state.set_cost_clock(time.perf_counter)
+    runner_state.note_step_start()
+    time.sleep(0.2)
+    wall = runner_state._step_costs(SimpleNamespace(total_num_scheduled_tokens=1), [[1]],
+                                    None).forward_seconds
+    assert wall is not None and wall >= 0.19
+
+
 def test_step_timer_patch_stamps_before_the_original():
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 from vllm_redrafter.bench import report as rep
-from vllm_redrafter.bench.machine import cpu_model_and_flags, describe_machine, machine_line
+from vllm_redrafter.bench.machine import (cpu_model_and_flags, describe_machine,
+                                          machine_line, read_steal_seconds, steal_seconds)
 
 EPYC = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -84,3 +85,26 @@ def test_gpu_names_come_from_nvidia_smi_not_a_cuda_context(tmp_path, monkeypatch
     assert gpu_names() == "NVIDIA H200, NVIDIA H200"
     smi.write_text("#!/bin/sh\nexit 9\n")  # a failing nvidia-smi (no driver): None
     assert gpu_names() is None
+
+
+STAT = ("cpu  10 0 5 900 0 0 0 40 0 0\n"
+        "cpu0 5 0 2 450 0 0 0 30 0 0\n"
+        "cpu1 5 0 3 450 0 0 0 10 0 0\n"
+        "intr 12345\n")
+
+
+def test_steal_seconds_sums_the_cpus_steal_column():
+    assert steal_seconds(STAT, 100.0) == (0.4, 2)
+    assert steal_seconds(STAT, 50.0) == (0.8, 2)
+    # a kernel without the steal column (fields before 2.6.11), or no cpu line at all
+    assert steal_seconds("cpu  10 0 5 900 0 0 0\ncpu0 10 0 5 900 0 0 0\n", 100.0) is None
+    assert steal_seconds("intr 1\n", 100.0) is None
+
+
+def test_read_steal_seconds_of_this_machine(tmp_path):
+    now = read_steal_seconds()
+    if now is not None:  # Linux: seconds since boot never decrease
+        assert now[0] >= 0 and now[1] >= 1
+        later = read_steal_seconds()
+        assert later is not None and later[0] >= now[0]
+    assert read_steal_seconds(tmp_path / "missing") is None

@@ -86,7 +86,7 @@ STABLE_KEYS = {
     "mean_verified_tokens", "num_drafts",
     "num_draft_tokens", "num_accepted_tokens", "draft_time_share", "identical_to_baseline",
     "compared_to_baseline", "no_draft_share", "mean_draft_length", "accepted_sources",
-    "beams_skipped_share", "repeat"}
+    "beams_skipped_share", "repeat", "steal_share", "attempts"}
 
 
 def test_report_schema_and_files(tmp_path):
@@ -100,7 +100,7 @@ def test_report_schema_and_files(tmp_path):
     assert loaded["settings"] == {"max_tokens": 8}
     assert all(set(r) == STABLE_KEYS for r in loaded["results"])
     md = paths["md"].read_text()
-    assert "| redrafter | 1 | 0.0 | 20.0 | 2.00× | 2.50 |" in md
+    assert "| redrafter | 1 | 0.0 | 20.0 | 2.00× | – | 2.50 |" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert loaded["repeats"] == [] and "rounds" not in md  # one round: no summary
 
@@ -240,3 +240,15 @@ def test_none_control_is_a_second_plain_engine_compared_like_any_config():
     assert rows["none"]["speedup_vs_baseline"] == 1.0
     assert rows[CONTROL_CONFIG]["speedup_vs_baseline"] == pytest.approx(1.111, abs=1e-3)
     assert rows[CONTROL_CONFIG]["identical_to_baseline"] == 1
+
+
+def test_report_shows_the_stolen_share_and_the_attempts():
+    cells = [_cell("none", 1, 0.0, 50, 5.0, steal_share=0.02),
+             _cell("redrafter", 1, 0.0, 50, 2.5, steal_share=0.1234, attempts=3)]
+    report = rep.build_report(cells, {}, {"date": "x", "command": "y"})
+    rows = {r["config"]: r for r in report["results"]}
+    assert (rows["none"]["steal_share"], rows["none"]["attempts"]) == (0.02, 1)
+    assert (rows["redrafter"]["steal_share"], rows["redrafter"]["attempts"]) == (0.123, 3)
+    md = rep.markdown_table(report)
+    assert "| none | 1 | 0.0 | 10.0 | 1.00× | 2% | –" in md
+    assert "| redrafter | 1 | 0.0 | 20.0 | 2.00× | 12% (3 tries) |" in md

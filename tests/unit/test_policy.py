@@ -258,3 +258,20 @@ def test_a_clear_gain_is_drafted_despite_the_margin():
         policy.acceptance.observe(1, 1 if i % 100 < 44 else 0)
     decision = policy.choose(4)
     assert decision.rates[1] > 1.10 * decision.rates[0] and decision.length == 1
+
+
+def test_cost_clock_leaves_out_time_the_thread_does_not_run_on_a_cpu():
+    """On a CPU the policy's costs are the thread's CPU time (a VM's steal, like a sleep,
+    is not counted); on a GPU the wall clock (the host may sleep in a synchronisation)."""
+    import time
+
+    from vllm_redrafter.policy import cost_clock
+
+    def measured(clock):
+        start = clock()
+        time.sleep(0.2)  # not running: like time stolen by a hypervisor
+        return clock() - start
+
+    assert cost_clock("cpu") is time.thread_time
+    assert measured(cost_clock("cpu")) < 0.05
+    assert measured(cost_clock("cuda")) >= 0.19  # negative control: wall time counts it

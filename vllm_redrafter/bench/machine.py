@@ -32,6 +32,44 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 """Flags with which a CPU multiplies bfloat16 natively; without them torch converts."""
 
 CPUINFO = Path("/proc/cpuinfo")
+PROC_STAT = Path("/proc/stat")
+
+
+def steal_seconds(stat: str, ticks_per_second: float) -> tuple[float, int] | None:
+    """CPU seconds stolen by the hypervisor since boot, summed over the CPUs, and the
+    number of CPUs, from a ``/proc/stat`` text; None without a steal column.
+
+    "Steal" is time a virtual CPU was ready to run and the hypervisor ran something else.
+    On this project's shared 2-core VM it came in bursts of 20-55% of the CPU time
+    (2026-12-03), and a plain vLLM cell that lost 13 s of its 27.5 s wall to it read 3x
+    slower than the same cell 2 minutes earlier; wall time minus a busy thread's CPU time
+    equalled the steal to 0.01 s.
+
+    Example: ``"cpu  10 0 5 900 0 0 0 40 0 0\ncpu0 5 0 2 450 0 0 0 30 0 0\ncpu1 ..."``
+    with 100 ticks per second -> ``(0.4, 2)``.
+    """
+    total = None
+    cpus = 0
+    for line in stat.splitlines():
+        fields = line.split()
+        if not fields or not fields[0].startswith("cpu"):
+            continue
+        if fields[0] == "cpu":
+            if len(fields) < 9:
+                return None
+            total = int(fields[8]) / ticks_per_second
+        else:
+            cpus += 1
+    return None if total is None else (total, max(cpus, 1))
+
+
+def read_steal_seconds(path: Path = PROC_STAT) -> tuple[float, int] | None:
+    """:func:`steal_seconds` of this machine now; None where ``/proc/stat`` is absent."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    return steal_seconds(text, float(os.sysconf("SC_CLK_TCK")))
 
 
 def cpu_model_and_flags(cpuinfo: str) -> tuple[str | None, list[str]]:

@@ -122,6 +122,12 @@ class CellResult:
     repeat: int = 0
     """Which round of ``bench --repeats`` measured the cell (compared with the baseline
     of the same round)."""
+    steal_share: float | None = None
+    """Share of the machine's CPU time the hypervisor stole while the cell ran (None
+    where the OS does not report it): a virtual machine's neighbours slowing the cell."""
+    attempts: int = 1
+    """Times the cell was measured (``bench --max-steal``: again while more was stolen);
+    the kept one is the least stolen."""
 
     @property
     def no_draft_share(self) -> float | None:
@@ -219,6 +225,8 @@ def summarize(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
             "identical_to_baseline": identical,
             "compared_to_baseline": compared,
             "repeat": c.repeat,
+            "steal_share": _round(c.steal_share),
+            "attempts": c.attempts,
         })
     return rows
 
@@ -298,6 +306,14 @@ def _percent(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
+def _steal(row: dict[str, Any]) -> str:
+    """The stolen share of a results row, with its attempts when measured again:
+    ``{"steal_share": 0.12, "attempts": 3}`` -> ``"12% (3 tries)"``."""
+    text = _percent(row.get("steal_share"))
+    attempts = row.get("attempts", 1) or 1
+    return f"{text} ({attempts} tries)" if attempts > 1 else text
+
+
 def _sources(counts: dict[str, int] | None) -> str:
     """``{"drafter": 5, "lookup": 3, "both": 2}`` -> ``"5/3/2"``."""
     if not counts:
@@ -307,9 +323,10 @@ def _sources(counts: dict[str, int] | None) -> str:
 
 def markdown_table(report: dict[str, Any]) -> str:
     """The results as a Markdown table (one row per cell)."""
-    head = ("| config | conc. | temp | tok/s | vs none | τ | accept/depth | verified/step "
-            "| draft time | no-draft steps | draft len | accepted D/L/both | identical |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| config | conc. | temp | tok/s | vs none | steal | τ | accept/depth "
+            "| verified/step | draft time | no-draft steps | draft len | accepted D/L/both "
+            "| identical |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     machine = report.get("machine") or {}
     lines = [f"Machine: {machine_line(machine)}", "", head] if "cpu" in machine else [head]
     summary = report.get("repeats") or []
@@ -317,7 +334,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         name = f"{r['config']} #{r.get('repeat', 0) + 1}" if summary else r["config"]
         if r["status"] != "ok":
             lines.append(f"| {name} | {r['concurrency']} | {r['temperature']} | "
-                         f"failed: {str(r['error'])[:60]} | | | | | | | | | |")
+                         f"failed: {str(r['error'])[:60]} | | | | | | | | | | |")
             continue
         ident = (f"{r['identical_to_baseline']}/{r['compared_to_baseline']}"
                  if r["identical_to_baseline"] is not None else "–")
@@ -325,7 +342,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {r['concurrency']} | {r['temperature']} | "
             f"{_fmt(r['output_tok_per_s'], '.1f')} | "
-            f"{_times(r['speedup_vs_baseline'])} | {_fmt(r['mean_acceptance_length'], '.2f')} | "
+            f"{_times(r['speedup_vs_baseline'])} | {_steal(r)} | "
+            f"{_fmt(r['mean_acceptance_length'], '.2f')} | "
             f"{_fmt(_depths(r['acceptance_per_depth']))} | "
             f"{_fmt(r.get('mean_verified_tokens'), '.1f')} | "
             f"{'–' if share is None else f'{100 * share:.0f}%'} | "

@@ -39,6 +39,11 @@ class BenchSettings:
     max_model_len: int = 2048
     seed: int = 0
     timeout_s: float = 3600.0
+    max_steal: float | None = None
+    """Measure a cell again while the hypervisor stole more than this share of the
+    machine's CPU time during it (None: never)."""
+    steal_retries: int = 0
+    """At most this many more measurements of a cell (``max_steal``)."""
 
 
 def config_specs(drafter: str | None, beam_width: int, beam_length: int,

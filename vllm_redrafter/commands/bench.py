@@ -81,6 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure every cell this many rounds, each cell against its "
                              "own round's baseline, and report the median and range of "
                              "the ratios (default 1)")
+    parser.add_argument("--max-steal", type=float, default=5.0,
+                        help="percent of the machine's CPU time a virtual machine's "
+                             "hypervisor may steal during a cell (/proc/stat) before the "
+                             "cell is measured again, up to --steal-retries more times, "
+                             "keeping the least-stolen attempt (default 5; the report's "
+                             "steal column shows what each kept cell lost)")
+    parser.add_argument("--steal-retries", type=int, default=2,
+                        help="most extra measurements of a cell for --max-steal (default "
+                             "2; 0 measures every cell once)")
     parser.add_argument("--sequential", action="store_true",
                         help="run one configuration at a time (all its cells, a fresh "
                              "engine per round) instead of the default: every "
@@ -139,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
     settings = BenchSettings(target=target, prompts=token_ids, max_tokens=args.max_tokens,
                              concurrency=args.concurrency, temperatures=args.temperatures,
                              dtype=args.dtype, max_model_len=args.max_model_len,
-                             seed=args.seed, timeout_s=args.timeout)
+                             seed=args.seed, timeout_s=args.timeout,
+                             max_steal=args.max_steal / 100.0,
+                             steal_retries=args.steal_retries)
     specs = config_specs(drafter, width, length, names=args.configs)
     unknown = [c for c in args.configs if c not in specs]
     if unknown:
@@ -151,6 +162,11 @@ def run(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.repeats < 1:
         print(f"vllm-redrafter bench: error: --repeats must be >= 1, got {args.repeats}",
+              file=sys.stderr)
+        return 2
+    if args.steal_retries < 0 or not 0.0 <= args.max_steal <= 100.0:
+        print("vllm-redrafter bench: error: --max-steal must be a percent in [0, 100] and "
+              f"--steal-retries >= 0, got {args.max_steal} and {args.steal_retries}",
               file=sys.stderr)
         return 2
     machine = describe_machine()
@@ -169,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
                     "concurrency": args.concurrency, "temperatures": args.temperatures,
                     "dtype": args.dtype, "beam_width": width, "beam_length": length,
                     "configs": args.configs, "repeats": args.repeats,
+                    "max_steal": args.max_steal / 100.0, "steal_retries": args.steal_retries,
                     "order": "sequential" if args.sequential else "interleaved"}
     report = rep.build_report(cells, run_settings, meta)
     paths = rep.write_reports(report, out_dir)

@@ -183,7 +183,8 @@ register_patch(
         target="vllm.v1.worker.gpu_model_runner.GPUModelRunner.execute_model",
         why="Load-aware drafting needs the measured cost of a target step against the "
         "tokens it verifies; vLLM times no step inside the worker.",
-        how="Wrapper records time.perf_counter() in integration/runner.py, then calls the "
+        how="Wrapper records the policy's cost clock (the thread's CPU time on a CPU, "
+        "else time.perf_counter()) in integration/runner.py, then calls the "
         "original; the propose hook turns it into the step's forward seconds (with "
         "scheduler_output.total_num_scheduled_tokens) for the proposer's cost model.",
         remove_when="vLLM exposes per-step forward timings to speculative proposers (or "

@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +147,8 @@ class _WorkerState:
     """Single-path trees verified by the chain path so far (tests, diagnostics)."""
     draft_faults: int = 0
     step_started: float | None = None
+    cost_clock: Callable[[], float] = time.perf_counter
+    """The clock of the steps' costs (:func:`set_cost_clock`)."""
     rewind: dict[int, torch.Tensor] | None = None
     """CPU generator states of this step's discarded requests, before sampling."""
 
@@ -175,16 +177,22 @@ def _draft_fault(step: DraftStep, exc: BaseException) -> list[list[int]]:
 _STATE = _WorkerState()
 
 
+def set_cost_clock(clock: Callable[[], float]) -> None:
+    """Time the steps' forward with ``clock`` (the proposer's
+    :func:`vllm_redrafter.policy.cost_clock`; wall time until set)."""
+    _STATE.cost_clock = clock
+
+
 def note_step_start() -> None:
     """The model runner starts executing a step (hook ``runner-step-timer``)."""
-    _STATE.step_started = time.perf_counter()
+    _STATE.step_started = _STATE.cost_clock()
 
 
 def _step_costs(scheduler_output: Any, sampled_token_ids: list[list[int]],
                 spec_decode_metadata: Any) -> StepCosts:
     """The finished step's size, forward time and per-request (drafted, accepted)."""
     started, _STATE.step_started = _STATE.step_started, None
-    seconds = None if started is None else time.perf_counter() - started
+    seconds = None if started is None else _STATE.cost_clock() - started
     num_tokens = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
     verified: list[tuple[int, int]] = []
     if spec_decode_metadata is not None:
