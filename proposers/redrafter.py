@@ -51,6 +51,7 @@ from vllm_redrafter.checkpoint import load_drafter
 from vllm_redrafter.config import LookupOptions
 from vllm_redrafter.drafter import RecurrentDrafter, resolve_draft_dtype
 from vllm_redrafter.integration import compat, hooks, patches, spec_config, tree_hooks
+from vllm_redrafter.integration import runner as runner_state
 from vllm_redrafter.logger import get_logger
 from vllm_redrafter.lookup import (
     Candidate,
@@ -603,8 +604,6 @@ class ReDrafterProposer:
 
         self.drafter, self.embed, self.device = core, embed, device
         self._cost_clock = cost_clock(device.type)
-        from vllm_redrafter.integration import runner as runner_state
-
         runner_state.set_cost_clock(self._cost_clock)  # the step timer's clock too
         self._rows = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
         self._init = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)

@@ -66,7 +66,7 @@ def cost_clock(device_type: str) -> Callable[[], float]:
 
     On a virtual machine, wall time includes the hypervisor's *steal* (time the virtual
     CPU was ready and something else ran). On this project's shared VM it came in bursts of
-    20-55% (2026-12-03): an identical schedule's forward read 8.6 to 25.8 s. The policy
+    up to 55% (2026-12-03): an identical schedule's forward read 8.3 to 25.8 s. The policy
     measures a plain step's cost only once every ``explore_every`` drafting steps, so one
     plain step timed in a burst made every draft look cheap for the next 64 steps. A
     thread's CPU time leaves steal out (in a 5 s busy loop, wall minus thread time equalled

@@ -5,6 +5,7 @@ again, and the least-stolen attempt is kept (the engine itself is faked)."""
 import pytest
 
 from vllm_redrafter.bench import worker
+from vllm_redrafter.bench.machine import steal_share
 from vllm_redrafter.bench.report import CellResult
 
 
@@ -46,14 +47,13 @@ def test_without_a_limit_every_cell_is_measured_once(monkeypatch):
         calls = _fake_attempts(monkeypatch, [0.30, 0.0])
         cell = _measure(settings)
         assert len(calls) == 1 and (cell.steal_share, cell.attempts) == (0.30, 1)
-    calls = _fake_attempts(monkeypatch, [None, 0.0])
     monkeypatch.setattr(worker, "_measure_once", lambda *a: CellResult(
         config="none", concurrency=4, temperature=0.0, steal_share=None))
     assert _measure({"max_steal": 0.05, "steal_retries": 2}).attempts == 1
 
 
 def test_steal_share_is_the_stolen_part_of_the_machines_cpu_time():
-    assert worker.steal_share((10.0, 2), (12.0, 2), 10.0) == pytest.approx(0.1)
-    assert worker.steal_share((10.0, 2), (10.0, 2), 10.0) == 0.0
-    assert worker.steal_share(None, (12.0, 2), 10.0) is None
-    assert worker.steal_share((10.0, 2), (12.0, 2), 0.0) is None
+    assert steal_share((10.0, 2), (12.0, 2), 10.0) == pytest.approx(0.1)
+    assert steal_share((10.0, 2), (10.0, 2), 10.0) == 0.0
+    assert steal_share(None, (12.0, 2), 10.0) is None
+    assert steal_share((10.0, 2), (12.0, 2), 0.0) is None

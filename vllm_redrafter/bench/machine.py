@@ -40,10 +40,10 @@ def steal_seconds(stat: str, ticks_per_second: float) -> tuple[float, int] | Non
     number of CPUs, from a ``/proc/stat`` text; None without a steal column.
 
     "Steal" is time a virtual CPU was ready to run and the hypervisor ran something else.
-    On this project's shared 2-core VM it came in bursts of 20-55% of the CPU time
-    (2026-12-03), and a plain vLLM cell that lost 13 s of its 27.5 s wall to it read 3x
-    slower than the same cell 2 minutes earlier; wall time minus a busy thread's CPU time
-    equalled the steal to 0.01 s.
+    On this project's shared 2-core VM it came in bursts of up to 55% of the CPU time
+    (2026-12-03): a round of an engine decoding an identical schedule without drafting
+    lost 13.2 s of its 27.5 s wall to it, where rounds with under 0.5 s stolen took 9-10.6 s;
+    wall time minus a busy thread's CPU time equalled the steal to 0.01 s.
 
     Example: ``"cpu  10 0 5 900 0 0 0 40 0 0\ncpu0 5 0 2 450 0 0 0 30 0 0\ncpu1 ..."``
     with 100 ticks per second -> ``(0.4, 2)``.
@@ -70,6 +70,15 @@ def read_steal_seconds(path: Path = PROC_STAT) -> tuple[float, int] | None:
     except OSError:
         return None
     return steal_seconds(text, float(os.sysconf("SC_CLK_TCK")))
+
+
+def steal_share(before: tuple[float, int] | None, after: tuple[float, int] | None,
+                wall_s: float) -> float | None:
+    """Share of the machine's CPU time stolen between two :func:`read_steal_seconds`
+    readings ``wall_s`` apart. Example: ``(10.0, 2)``, ``(12.0, 2)``, 10 s -> 0.1."""
+    if before is None or after is None or wall_s <= 0:
+        return None
+    return max(after[0] - before[0], 0.0) / (wall_s * after[1])
 
 
 def cpu_model_and_flags(cpuinfo: str) -> tuple[str | None, list[str]]:

@@ -309,8 +309,8 @@ def _percent(x: float | None) -> str:
 def _steal(row: dict[str, Any]) -> str:
     """The stolen share of a results row, with its attempts when measured again:
     ``{"steal_share": 0.12, "attempts": 3}`` -> ``"12% (3 tries)"``."""
-    text = _percent(row.get("steal_share"))
-    attempts = row.get("attempts", 1) or 1
+    text = _percent(row.get("steal_share"))  # rows of older reports have neither key
+    attempts = row.get("attempts", 1)
     return f"{text} ({attempts} tries)" if attempts > 1 else text
 
 
@@ -338,7 +338,6 @@ def markdown_table(report: dict[str, Any]) -> str:
             continue
         ident = (f"{r['identical_to_baseline']}/{r['compared_to_baseline']}"
                  if r["identical_to_baseline"] is not None else "–")
-        share = r["draft_time_share"]
         lines.append(
             f"| {name} | {r['concurrency']} | {r['temperature']} | "
             f"{_fmt(r['output_tok_per_s'], '.1f')} | "
@@ -346,7 +345,7 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{_fmt(r['mean_acceptance_length'], '.2f')} | "
             f"{_fmt(_depths(r['acceptance_per_depth']))} | "
             f"{_fmt(r.get('mean_verified_tokens'), '.1f')} | "
-            f"{'–' if share is None else f'{100 * share:.0f}%'} | "
+            f"{_percent(r['draft_time_share'])} | "
             f"{_percent(r.get('no_draft_share'))} | {_fmt(r.get('mean_draft_length'), '.2f')} | "
             f"{_sources(r.get('accepted_sources'))} | {ident} |")
     if summary:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vllm_redrafter.bench.machine import read_steal_seconds
+from vllm_redrafter.bench.machine import read_steal_seconds, steal_share
 from vllm_redrafter.bench.report import CellResult, SpecCounters, counters_from_metrics
 from vllm_redrafter.bench.runner import cell_to_json
 
@@ -151,15 +151,6 @@ def _measure_once(llm: Any, name: str, spec: dict[str, Any] | None, s: dict[str,
     print(f"[bench] {name} c={concurrency} T={temperature}: "
           f"{cell.output_tokens / wall:.1f} tok/s", file=sys.stderr, flush=True)
     return cell
-
-
-def steal_share(before: tuple[float, int] | None, after: tuple[float, int] | None,
-                wall_s: float) -> float | None:
-    """Share of the machine's CPU time stolen between two :func:`read_steal_seconds`
-    readings ``wall_s`` apart. Example: ``(10.0, 2)``, ``(12.0, 2)``, 10 s -> 0.1."""
-    if before is None or after is None or wall_s <= 0:
-        return None
-    return max(after[0] - before[0], 0.0) / (wall_s * after[1])
 
 
 def main(job_path: str, result_path: str) -> int:

@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
                     "concurrency": args.concurrency, "temperatures": args.temperatures,
                     "dtype": args.dtype, "beam_width": width, "beam_length": length,
                     "configs": args.configs, "repeats": args.repeats,
-                    "max_steal": args.max_steal / 100.0, "steal_retries": args.steal_retries,
+                    "max_steal": settings.max_steal, "steal_retries": settings.steal_retries,
                     "order": "sequential" if args.sequential else "interleaved"}
     report = rep.build_report(cells, run_settings, meta)
     paths = rep.write_reports(report, out_dir)
