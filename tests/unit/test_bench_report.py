@@ -86,7 +86,8 @@ STABLE_KEYS = {
     "mean_verified_tokens", "num_drafts",
     "num_draft_tokens", "num_accepted_tokens", "draft_time_share", "identical_to_baseline",
     "compared_to_baseline", "no_draft_share", "mean_draft_length", "accepted_sources",
-    "beams_skipped_share", "repeat", "steal_share", "attempts"}
+    "beams_skipped_share", "repeat", "steal_share", "attempts", "stolen_s", "net_tok_per_s",
+    "net_speedup_vs_baseline"}
 
 
 def test_report_schema_and_files(tmp_path):
@@ -100,7 +101,7 @@ def test_report_schema_and_files(tmp_path):
     assert loaded["settings"] == {"max_tokens": 8}
     assert all(set(r) == STABLE_KEYS for r in loaded["results"])
     md = paths["md"].read_text()
-    assert "| redrafter | 1 | 0.0 | 20.0 | 2.00× | – | 2.50 |" in md
+    assert "| redrafter | 1 | 0.0 | 20.0 | 2.00× | – | – | 2.50 |" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert loaded["repeats"] == [] and "rounds" not in md  # one round: no summary
 
@@ -119,10 +120,11 @@ def test_repeats_compare_each_round_with_its_own_baseline():
     assert rep.repeat_summary(rows) == [{"config": "x", "concurrency": 1,
                                          "temperature": 0.0, "median": 1.0,
                                          "low": ratios[1], "high": ratios[2],
-                                         "best": 0.909, "repeats": 3}]
+                                         "best": 0.909, "repeats": 3, "net_median": None,
+                                         "net_low": None, "net_high": None}]
     md = rep.markdown_table(rep.build_report(cells, {}, {}))
     assert "| x #2 | 1 | 0.0 |" in md
-    assert "| x | 1 | 0.0 | 1.00× | 0.91–1.05× | 0.91× | 3 |" in md
+    assert "| x | 1 | 0.0 | 1.00× | 0.91–1.05× | 0.91× | – | – | 3 |" in md
 
 
 def test_repeats_best_compares_each_engines_fastest_round():
@@ -250,5 +252,30 @@ def test_report_shows_the_stolen_share_and_the_attempts():
     assert (rows["none"]["steal_share"], rows["none"]["attempts"]) == (0.02, 1)
     assert (rows["redrafter"]["steal_share"], rows["redrafter"]["attempts"]) == (0.123, 3)
     md = rep.markdown_table(report)
-    assert "| none | 1 | 0.0 | 10.0 | 1.00× | 2% | –" in md
-    assert "| redrafter | 1 | 0.0 | 20.0 | 2.00× | 12% (3 tries) |" in md
+    assert "| none | 1 | 0.0 | 10.0 | 1.00× | 2% | – | –" in md
+    assert "| redrafter | 1 | 0.0 | 20.0 | 2.00× | 12% (3 tries) | – |" in md
+
+
+def test_ratios_net_of_steal_leave_the_stolen_seconds_out():
+    """Two engines doing the same work, one robbed of 2 s by the hypervisor: by wall time
+    it reads 0.8x, net of steal 1.0x (negative control: with the steal unknown there is
+    no net ratio, and with none stolen the two readings agree)."""
+    cells, walls = [], [(8.0, 0.0, 10.0, 2.0), (8.0, 0.5, 8.0, 0.5), (9.0, 1.0, 8.0, 0.0)]
+    for round_, (base_wall, base_stolen, wall, stolen) in enumerate(walls):
+        cells += [_cell("none", 4, 0.0, 80, base_wall, repeat=round_, stolen_s=base_stolen),
+                  _cell("x", 4, 0.0, 80, wall, repeat=round_, stolen_s=stolen)]
+    rows = [r for r in rep.summarize(cells) if r["config"] == "x"]
+    assert [r["speedup_vs_baseline"] for r in rows] == [0.8, 1.0, 1.125]
+    assert [r["net_speedup_vs_baseline"] for r in rows] == [1.0, 1.0, 1.0]
+    assert (rows[0]["stolen_s"], rows[0]["net_tok_per_s"]) == (2.0, 10.0)
+    (summary,) = rep.repeat_summary(rep.summarize(cells))
+    assert (summary["median"], summary["net_median"]) == (1.0, 1.0)
+    assert (summary["low"], summary["net_low"], summary["net_high"]) == (0.8, 1.0, 1.0)
+    md = rep.markdown_table(rep.build_report(cells, {}, {}))
+    assert "| x | 4 | 0.0 | 1.00× | 0.80–1.12× | 1.00× | 1.00× | 1.00–1.00× | 3 |" in md
+    # negative controls
+    assert _cell("x", 4, 0.0, 80, 10.0).net_tok_per_s is None
+    assert _cell("x", 4, 0.0, 80, 10.0, stolen_s=0.0).net_tok_per_s == 8.0
+    cells[0] = _cell("none", 4, 0.0, 80, 8.0, repeat=0)  # round 0's steal unknown
+    (summary,) = rep.repeat_summary(rep.summarize(cells))
+    assert summary["net_median"] is None and summary["median"] == 1.0

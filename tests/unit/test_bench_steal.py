@@ -5,7 +5,7 @@ again, and the least-stolen attempt is kept (the engine itself is faked)."""
 import pytest
 
 from vllm_redrafter.bench import worker
-from vllm_redrafter.bench.machine import steal_share
+from vllm_redrafter.bench.machine import steal_share, stolen_seconds
 from vllm_redrafter.bench.report import CellResult
 
 
@@ -52,8 +52,14 @@ def test_without_a_limit_every_cell_is_measured_once(monkeypatch):
     assert _measure({"max_steal": 0.05, "steal_retries": 2}).attempts == 1
 
 
-def test_steal_share_is_the_stolen_part_of_the_machines_cpu_time():
-    assert steal_share((10.0, 2), (12.0, 2), 10.0) == pytest.approx(0.1)
-    assert steal_share((10.0, 2), (10.0, 2), 10.0) == 0.0
-    assert steal_share(None, (12.0, 2), 10.0) is None
-    assert steal_share((10.0, 2), (12.0, 2), 0.0) is None
+def test_steal_is_counted_on_the_most_stolen_cpu():
+    """The model's worker runs on one CPU and the steal falls there: 1 s stolen from it in
+    10 s is 10% of its time, not the 5% a two-CPU machine-wide average would say."""
+    assert stolen_seconds((10.0, 4.0), (11.0, 4.0)) == 1.0
+    assert stolen_seconds((10.0, 4.0), (10.2, 4.7)) == pytest.approx(0.7)
+    assert steal_share((10.0, 4.0), (11.0, 4.0), 10.0) == pytest.approx(0.1)
+    assert steal_share((10.0, 4.0), (10.0, 4.0), 10.0) == 0.0
+    # no reading, no time, or a CPU come online in between: unknown
+    assert steal_share(None, (12.0, 2.0), 10.0) is None
+    assert steal_share((10.0, 4.0), (12.0, 4.0), 0.0) is None
+    assert stolen_seconds((10.0,), (10.0, 4.0)) is None

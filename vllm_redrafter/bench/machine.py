@@ -35,35 +35,34 @@ CPUINFO = Path("/proc/cpuinfo")
 PROC_STAT = Path("/proc/stat")
 
 
-def steal_seconds(stat: str, ticks_per_second: float) -> tuple[float, int] | None:
-    """CPU seconds stolen by the hypervisor since boot, summed over the CPUs, and the
-    number of CPUs, from a ``/proc/stat`` text; None without a steal column.
+def steal_seconds(stat: str, ticks_per_second: float) -> tuple[float, ...] | None:
+    """CPU seconds stolen by the hypervisor since boot from each CPU (``cpu0``, ``cpu1``...),
+    from a ``/proc/stat`` text; None without a steal column.
 
     "Steal" is time a virtual CPU was ready to run and the hypervisor ran something else.
     On this project's shared 2-core VM it came in bursts of up to 55% of the CPU time
     (2026-12-03): a round of an engine decoding an identical schedule without drafting
     lost 13.2 s of its 27.5 s wall to it, where rounds with under 0.5 s stolen took 9-10.6 s;
-    wall time minus a busy thread's CPU time equalled the steal to 0.01 s.
+    wall time minus a busy thread's CPU time equalled the steal to 0.01 s. It falls on the
+    busy virtual CPU: a pinned busy loop lost 0.5-0.8 s per 8 s on its own CPU and 0.1 s on
+    the idle one, and during bench cells every stolen second was taken from the CPU of the
+    engine's model worker (0.2-16.5 s per cell), none from the other.
 
-    Example: ``"cpu  10 0 5 900 0 0 0 40 0 0\ncpu0 5 0 2 450 0 0 0 30 0 0\ncpu1 ..."``
-    with 100 ticks per second -> ``(0.4, 2)``.
+    Example: ``"cpu  10 0 5 900 0 0 0 40 0 0\ncpu0 5 0 2 450 0 0 0 30 0 0\ncpu1 5 0 3 450
+    0 0 0 10 0 0"`` with 100 ticks per second -> ``(0.3, 0.1)``.
     """
-    total = None
-    cpus = 0
+    per_cpu = []
     for line in stat.splitlines():
         fields = line.split()
-        if not fields or not fields[0].startswith("cpu"):
+        if not fields or not fields[0].startswith("cpu") or fields[0] == "cpu":
             continue
-        if fields[0] == "cpu":
-            if len(fields) < 9:
-                return None
-            total = int(fields[8]) / ticks_per_second
-        else:
-            cpus += 1
-    return None if total is None else (total, max(cpus, 1))
+        if len(fields) < 9:
+            return None
+        per_cpu.append(int(fields[8]) / ticks_per_second)
+    return tuple(per_cpu) or None
 
 
-def read_steal_seconds(path: Path = PROC_STAT) -> tuple[float, int] | None:
+def read_steal_seconds(path: Path = PROC_STAT) -> tuple[float, ...] | None:
     """:func:`steal_seconds` of this machine now; None where ``/proc/stat`` is absent."""
     try:
         text = path.read_text()
@@ -72,13 +71,27 @@ def read_steal_seconds(path: Path = PROC_STAT) -> tuple[float, int] | None:
     return steal_seconds(text, float(os.sysconf("SC_CLK_TCK")))
 
 
-def steal_share(before: tuple[float, int] | None, after: tuple[float, int] | None,
-                wall_s: float) -> float | None:
-    """Share of the machine's CPU time stolen between two :func:`read_steal_seconds`
-    readings ``wall_s`` apart. Example: ``(10.0, 2)``, ``(12.0, 2)``, 10 s -> 0.1."""
-    if before is None or after is None or wall_s <= 0:
+def stolen_seconds(before: tuple[float, ...] | None,
+                   after: tuple[float, ...] | None) -> float | None:
+    """Seconds stolen from the most-stolen CPU between two :func:`read_steal_seconds`
+    readings: the delay of the busiest thread (the model's worker, one thread per core),
+    which the hypervisor's steal follows (:func:`steal_seconds`). A machine-wide average
+    would halve it on two CPUs while the worker lost all of it.
+    Example: ``(10.0, 4.0)``, ``(12.5, 4.1)`` -> 2.5."""
+    if before is None or after is None or len(before) != len(after):
         return None
-    return max(after[0] - before[0], 0.0) / (wall_s * after[1])
+    return max(max(b - a, 0.0) for a, b in zip(before, after))
+
+
+def steal_share(before: tuple[float, ...] | None, after: tuple[float, ...] | None,
+                wall_s: float) -> float | None:
+    """Share of ``wall_s`` stolen from the most-stolen CPU (:func:`stolen_seconds`)
+    between two readings ``wall_s`` apart. Example: ``(10.0, 4.0)``, ``(11.0, 4.0)``,
+    10 s -> 0.1."""
+    stolen = stolen_seconds(before, after)
+    if stolen is None or wall_s <= 0:
+        return None
+    return stolen / wall_s
 
 
 def cpu_model_and_flags(cpuinfo: str) -> tuple[str | None, list[str]]:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vllm_redrafter.bench.machine import read_steal_seconds, steal_share
+from vllm_redrafter.bench.machine import read_steal_seconds, steal_share, stolen_seconds
 from vllm_redrafter.bench.report import CellResult, SpecCounters, counters_from_metrics
 from vllm_redrafter.bench.runner import cell_to_json
 
@@ -108,7 +108,7 @@ def _start_engine(s: dict[str, Any], spec: dict[str, Any] | None) -> Any:
 def _measure_cell(llm: Any, name: str, spec: dict[str, Any] | None, s: dict[str, Any],
                   temperature: float, concurrency: int, tag: str) -> CellResult:
     """One cell (:func:`_measure_once`), measured again while the hypervisor stole more
-    than ``max_steal`` of the machine's CPU time during it, at most ``steal_retries``
+    than ``max_steal`` of the wall time from a CPU during it, at most ``steal_retries``
     more times; the least-stolen attempt is kept (its ``attempts`` counts them all)."""
     limit = s.get("max_steal")
     attempts: list[CellResult] = []
@@ -119,7 +119,7 @@ def _measure_cell(llm: Any, name: str, spec: dict[str, Any] | None, s: dict[str,
         if limit is None or cell.steal_share is None or cell.steal_share <= limit:
             break
         print(f"[bench] {name} c={concurrency} T={temperature}: the hypervisor stole "
-              f"{100 * cell.steal_share:.0f}% of the CPU time (limit "
+              f"{100 * cell.steal_share:.0f}% of a CPU's time (limit "
               f"{100 * limit:.0f}%), measuring it again", file=sys.stderr, flush=True)
     best = min(attempts, key=lambda c: c.steal_share or 0.0)
     return dataclasses.replace(best, attempts=len(attempts))
@@ -128,7 +128,7 @@ def _measure_cell(llm: Any, name: str, spec: dict[str, Any] | None, s: dict[str,
 def _measure_once(llm: Any, name: str, spec: dict[str, Any] | None, s: dict[str, Any],
                   temperature: float, concurrency: int, tag: str) -> CellResult:
     """Run one (temperature, concurrency) cell on every prompt, with its counters and
-    the share of the machine's CPU time the hypervisor stole meanwhile."""
+    the time the hypervisor stole meanwhile from the most-stolen CPU."""
     before = counters_from_metrics(llm.get_metrics())
     draft_before = _draft_seconds(llm)
     policy_before = _policy_counters(llm)
@@ -147,7 +147,8 @@ def _measure_once(llm: Any, name: str, spec: dict[str, Any] | None, s: dict[str,
         num_prompts=len(token_ids), output_tokens=sum(map(len, token_ids)),
         wall_s=wall, draft_s=draft_s if spec else None,
         counters=counters if spec else SpecCounters(), token_ids=token_ids,
-        policy=policy or None, steal_share=steal_share(steal_before, steal_after, wall))
+        policy=policy or None, steal_share=steal_share(steal_before, steal_after, wall),
+        stolen_s=stolen_seconds(steal_before, steal_after))
     print(f"[bench] {name} c={concurrency} T={temperature}: "
           f"{cell.output_tokens / wall:.1f} tok/s", file=sys.stderr, flush=True)
     return cell

@@ -82,11 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "own round's baseline, and report the median and range of "
                              "the ratios (default 1)")
     parser.add_argument("--max-steal", type=float, default=5.0,
-                        help="percent of the machine's CPU time a virtual machine's "
-                             "hypervisor may steal during a cell (/proc/stat) before the "
+                        help="percent of a cell's wall time a virtual machine's "
+                             "hypervisor may steal from any one CPU (/proc/stat) before the "
                              "cell is measured again, up to --steal-retries more times, "
                              "keeping the least-stolen attempt (default 5; the report's "
-                             "steal column shows what each kept cell lost)")
+                             "steal column shows what each kept cell lost, and its 'net of "
+                             "steal' ratios leave the stolen seconds out)")
     parser.add_argument("--steal-retries", type=int, default=2,
                         help="most extra measurements of a cell for --max-steal (default "
                              "2; 0 measures every cell once)")
