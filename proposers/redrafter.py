@@ -459,6 +459,10 @@ class ReDrafterProposer:
     _drafted_by: DraftPolicy | None = None
     """The policy that chose the last step's draft (fed that step's acceptance); None
     before the first step (then :attr:`policy`)."""
+    _cycle: tuple[float, int, int, DraftPolicy, float] | None = None
+    """The last drafting call: (its start on the policy's clock, requests, length, the
+    policy that chose it, seconds it took), closed by the next call
+    (:meth:`DraftPolicy.observe_cycle`)."""
 
     def __init__(self, vllm_config: Any) -> None:
         from vllm_redrafter import plugin
@@ -784,6 +788,7 @@ class ReDrafterProposer:
         """
         start, cost_start = time.perf_counter(), self._cost_clock()
         self._observe(step.costs)
+        self._close_cycle(step.costs, cost_start)
         self._attribute(step)
         # {row: candidates} at the full depth: before the decision only where they pick
         # the policy, else only for a step that drafts (none on plain-decoding steps)
@@ -793,6 +798,7 @@ class ReDrafterProposer:
         length = self._draft_length(len(step.requests), policy)
         if length == 0:  # not worth drafting this step: plain decoding
             self.draft_seconds += time.perf_counter() - start
+            self._open_cycle(cost_start, len(step.requests), 0, policy)
             return Proposal()
         self._step_beam_length = length + 1
         if found is None:
@@ -815,7 +821,22 @@ class ReDrafterProposer:
                                  self._cost_clock() - cost_start)
         self.draft_seconds += time.perf_counter() - start
         self.num_proposals += len(step.requests)
+        self._open_cycle(cost_start, len(step.requests), length, policy)
         return proposal
+
+    def _open_cycle(self, began: float, num_reqs: int, length: int,
+                    policy: DraftPolicy) -> None:
+        """Remember this drafting call, to be closed by the next one."""
+        self._cycle = (began, num_reqs, length, policy, self._cost_clock() - began)
+
+    def _close_cycle(self, costs: StepCosts | None, now: float) -> None:
+        """The cycle since the last drafting call, with the target's step measured inside
+        it, to the policy that chose its draft (:meth:`DraftPolicy.observe_cycle`)."""
+        last, self._cycle = self._cycle, None
+        if last is None or costs is None or costs.forward_seconds is None:
+            return
+        began, num_reqs, length, policy, spent = last
+        policy.observe_cycle(num_reqs, length, now - began, costs.forward_seconds, spent)
 
     def _beams(self, step: DraftStep, sample_hidden_states: torch.Tensor) -> torch.Tensor:
         """The step's beams on the host, ``[B, W, L]`` (one device-to-host copy); raises

@@ -4,12 +4,15 @@
 Speculation pays only while verifying drafted tokens is cheap next to the tokens they
 save. For a decode batch of ``B`` requests each drafting ``k`` tokens the expected speed is
 
-    rate(k) = B * E(k) / (T(B * (1 + k)) + D(B, k)),    E(k) = 1 + sum_{d=1..k} A(d)
+    rate(k) = B * E(k) / (T(B * (1 + k)) + D(B, k) + O(B, k)),  E(k) = 1 + sum_{d=1..k} A(d)
 
 - ``T(n)``: measured seconds of a target step that verifies ``n`` tokens
   (:class:`StepCostTable`, from the engine's own steps);
 - ``D(B, k)``: measured seconds of drafting ``k`` tokens for ``B`` requests
   (:class:`DraftCostTable`);
+- ``O(B, k)``: measured seconds of the rest of such a step's cycle, from one drafting call
+  to the next: scheduling, output processing, bookkeeping (:class:`OverheadTable`; 0 until
+  measured);
 - ``A(d)``: measured share of drafted requests whose accepted path reached depth ``d``
   (:class:`AcceptanceTracker`). In tree mode ``k`` is the tree's depth (its beams and
   look-up branches cut after ``k`` tokens), the target verifies ``B * (1 + N(k))`` tokens
@@ -33,9 +36,10 @@ overestimates ``T(B)``: at 4 requests on this CPU 78 ms extrapolated, 60 ms meas
 So it takes one plain step as soon as ``T(B)`` is unmeasured, and one every
 ``explore_every`` drafting steps to keep it current.
 A draft must beat plain decoding by ``min_gain`` (10%) to be chosen: the model leaves out
-costs a drafting step causes elsewhere (the scheduler's and the output path's work on the
-spec tokens, prefills interleaved differently, requests finishing at staggered steps so
-that batches run part-empty), and measured against it the prediction was optimistic by
+costs a drafting step causes elsewhere (prefills interleaved differently, requests
+finishing at staggered steps so that batches run part-empty; the scheduler's and the
+output path's work on the spec tokens is ``O``, measured since 2026-12-03), and measured
+against it (before ``O``) the prediction was optimistic by
 3-9% on this CPU (per-step probes, 2026-12-01: c=4 T=0.7 predicted +3%, measured -4%;
 c=16 greedy +4% vs -5%; c=4 greedy +13% vs +10%).
 
@@ -169,6 +173,46 @@ class DraftCostTable:
 
 
 @dataclass
+class OverheadTable:
+    """Seconds of a step's cycle outside the target's step and the drafting, against the
+    requests, per draft length (0: a plain step): the engine's scheduling and output
+    processing, the runner's bookkeeping, the proposer's own work around the beam search.
+
+    The cycle is measured from one drafting call to the next (:meth:`DraftPolicy.
+    observe_cycle`) on the policy's clock; ``T`` and ``D`` are measured inside it, the rest
+    is this table. On a CPU that clock is the worker thread's CPU time, and vLLM's worker
+    busy-polls for its next step while the engine core schedules, so the waits count.
+    It grows with the drafted tokens: in ``bench`` on the 2-core Xeon (bfloat16, 16
+    requests, greedy, 2026-12-03) plain steps took 160 ms against ``T = 140`` ms, and
+    2-token drafts 265-308 ms a step against ``T + D`` of about 170 ms, so drafting that
+    ``T + D`` rated 1.3x faster than plain decoding read 0.86-0.96x of it.
+
+    ``estimate(num_reqs, length)``: measured at this length; between two measured lengths,
+    linear between them; beyond them, the nearest one's; nothing measured, 0 (the model
+    without it). Example: ``observe(16, 0, 0.02)``, ``observe(16, 2, 0.10)``:
+    ``estimate(16, 1) = 0.06``, ``estimate(16, 4) = 0.10``.
+    """
+
+    by_length: dict[int, StepCostTable] = field(default_factory=dict)
+
+    def observe(self, num_reqs: int, length: int, seconds: float) -> None:
+        self.by_length.setdefault(length, StepCostTable()).observe(num_reqs, seconds)
+
+    def estimate(self, num_reqs: int, length: int) -> float:
+        below = [m for m in self.by_length if m <= length]
+        above = [m for m in self.by_length if m >= length]
+        if not below and not above:
+            return 0.0
+        lo = max(below) if below else min(above)
+        hi = min(above) if above else max(below)
+        lo_s = self.by_length[lo].estimate(num_reqs) or 0.0
+        hi_s = self.by_length[hi].estimate(num_reqs) or 0.0
+        if hi == lo:
+            return lo_s
+        return lo_s + (hi_s - lo_s) * (length - lo) / (hi - lo)
+
+
+@dataclass
 class AcceptanceTracker:
     """Share of drafted requests whose accepted path reached each depth (decayed counts,
     so recent steps weigh more).
@@ -279,6 +323,7 @@ class DraftPolicy:
     warm_up_cost: float = 2.0
     target: StepCostTable = field(default_factory=StepCostTable)
     draft: DraftCostTable = field(default_factory=DraftCostTable)
+    overhead: OverheadTable = field(default_factory=OverheadTable)
     acceptance: AcceptanceTracker = field(init=False)
     idle_steps: int = 0
     busy_steps: int = 0
@@ -308,7 +353,21 @@ class DraftPolicy:
         drafting = self.draft.estimate(num_reqs, length)
         if tokens is None or target is None or drafting is None or target + drafting <= 0:
             return None
-        return num_reqs * tokens / (target + drafting)
+        return num_reqs * tokens / (target + drafting + self.overhead.estimate(num_reqs, length))
+
+    def observe_cycle(self, num_reqs: int, length: int, cycle_s: float,
+                      target_s: float, drafting_s: float) -> None:
+        """One cycle from a drafting call to the next: ``length`` drafted for
+        ``num_reqs`` requests (``drafting_s``), then the target's step (``target_s``),
+        then the rest (:class:`OverheadTable`). A remainder above ``target_s`` is not a
+        step's cost but a gap (the engine idle between requests, or a step in between
+        that sampled nothing and called no drafting): not observed.
+
+        Example: a 0.232 s cycle, ``T = 0.164``, ``D = 0.019`` -> 0.049 s observed;
+        a 0.500 s cycle with the same ``T`` and ``D`` -> nothing."""
+        rest = cycle_s - target_s - drafting_s
+        if num_reqs >= 1 and math.isfinite(rest) and 0.0 <= rest <= target_s:
+            self.overhead.observe(num_reqs, length, rest)
 
     def choose(self, num_reqs: int) -> Decision:
         """The draft length for a step drafting for ``num_reqs`` requests."""

@@ -264,3 +264,26 @@ def test_plain_steps_look_up_only_where_a_lookup_policy_needs_it(hidden):
         proposer._lookup_candidates = lambda *a, f=original: calls.append(1) or f(*a)
         assert proposer.propose_step(_repeating_step([5, 6, 7]), hidden).drafts == {}
         assert len(calls) == expected, skip
+
+
+def test_the_cycle_between_drafting_calls_goes_to_the_overhead_table(hidden):
+    """From one drafting call to the next: 0.10 s on the policy's clock, of which the
+    target's step measured 0.05 s and the first call's drafting 0.01 s: 0.04 s of
+    overhead for (2 requests, L - 1 tokens). Negative control: a step without a measured
+    forward (no costs) observes nothing, and the cycle it would close is dropped."""
+    from vllm_redrafter.steps import StepCosts
+
+    proposer = _proposer(tree_mode=False)
+    ticks = iter([0.0, 0.01, 0.01,  # call 1: start, D measured, cycle opened
+                  0.10, 0.11, 0.11,  # call 2
+                  0.30, 0.31, 0.31])  # call 3
+    proposer._cost_clock = lambda: next(ticks)
+    proposer.propose_step(_step(), hidden)
+    step = _step()
+    proposer.propose_step(DraftStep(step.num_reqs, step.requests, step.num_rows,
+                                    StepCosts(8, 0.05, ())), hidden)
+    assert proposer.policy.overhead.estimate(2, LENGTH - 1) == pytest.approx(0.04)
+    assert set(proposer.policy.overhead.by_length) == {LENGTH - 1}
+    proposer.policy.overhead.by_length.clear()
+    proposer.propose_step(_step(), hidden)  # no costs: not observed
+    assert not proposer.policy.overhead.by_length

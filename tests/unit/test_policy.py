@@ -275,3 +275,53 @@ def test_cost_clock_leaves_out_time_the_thread_does_not_run_on_a_cpu():
     assert cost_clock("cpu") is time.thread_time
     assert measured(cost_clock("cpu")) < 0.05
     assert measured(cost_clock("cuda")) >= 0.19  # negative control: wall time counts it
+
+
+# Recorded in ``bench`` on the 2-core Xeon (2026-12-03, bfloat16, 16 requests, greedy):
+# plain steps 160 ms a cycle against T(16) = 140 ms; drafting 2 tokens (A = 0.41/0.18)
+# 265-308 ms a cycle against T(48) + D(16, 2) = 158 + 13 ms. Rounded.
+C16_TARGET = {16: 0.140, 48: 0.158}
+C16_ACCEPTED = [0] * 59 + [1] * 23 + [2] * 18  # A = 0.41/0.18, E(2) = 1.59
+
+
+def _c16_policy() -> DraftPolicy:
+    policy = _with_target(C16_TARGET, max_length=2)
+    policy.draft.observe(16, 2, 0.013)
+    for a in C16_ACCEPTED:
+        policy.acceptance.observe(2, a)
+    return policy
+
+
+def test_the_cycle_outside_the_target_and_drafting_is_measured_per_length():
+    policy = DraftPolicy(max_length=4)
+    assert policy.overhead.estimate(16, 3) == 0.0  # nothing measured: the model without it
+    policy.observe_cycle(16, 2, cycle_s=0.271, target_s=0.158, drafting_s=0.013)
+    policy.observe_cycle(16, 0, cycle_s=0.160, target_s=0.140, drafting_s=0.0)
+    assert policy.overhead.estimate(16, 2) == pytest.approx(0.100)
+    assert policy.overhead.estimate(16, 0) == pytest.approx(0.020)
+    assert policy.overhead.estimate(16, 1) == pytest.approx(0.060)  # between 0 and 2
+    assert policy.overhead.estimate(16, 4) == pytest.approx(0.100)  # beyond: nearest
+    # a remainder longer than the step itself is a gap (the engine idle, or a step
+    # between two drafting calls that sampled nothing), not a cost; nor is a negative one
+    policy.observe_cycle(16, 2, cycle_s=0.500, target_s=0.158, drafting_s=0.013)
+    policy.observe_cycle(16, 0, cycle_s=0.120, target_s=0.140, drafting_s=0.0)
+    assert policy.overhead.estimate(16, 2) == pytest.approx(0.100)
+    assert policy.overhead.estimate(16, 0) == pytest.approx(0.020)
+
+
+def test_a_drafts_overhead_can_turn_drafting_off():
+    """By ``T + D`` alone a 2-token draft looks 1.3x faster at 16 requests; with the
+    measured rest of each cycle (20 ms plain, 100 ms drafting 2 tokens, so 60 ms for 1 by
+    interpolation) no draft pays: plain decoding. Negative control: without the overhead
+    the same tables draft."""
+    decision = _c16_policy().choose(16)
+    assert decision.length >= 1 and decision.rates[2] > 1.25 * decision.rates[0]
+    policy = _c16_policy()
+    policy.overhead.observe(16, 0, 0.020)
+    policy.overhead.observe(16, 2, 0.100)
+    decision = policy.choose(16)
+    assert decision.length == 0 and decision.reason == "rate"
+    tokens = policy.acceptance.expected_tokens(2)  # 1.59, recent samples weigh more
+    assert tokens == pytest.approx(1.59, abs=0.02)
+    assert decision.rates[2] == pytest.approx(16 * tokens / (0.158 + 0.013 + 0.100))
+    assert decision.rates[0] == pytest.approx(16 / (0.140 + 0.020))
