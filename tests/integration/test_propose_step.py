@@ -269,21 +269,31 @@ def test_plain_steps_look_up_only_where_a_lookup_policy_needs_it(hidden):
 def test_the_cycle_between_drafting_calls_goes_to_the_overhead_table(hidden):
     """From one drafting call to the next: 0.10 s on the policy's clock, of which the
     target's step measured 0.05 s and the first call's drafting 0.01 s: 0.04 s of
-    overhead for (2 requests, L - 1 tokens). Negative control: a step without a measured
-    forward (no costs) observes nothing, and the cycle it would close is dropped."""
+    overhead for (2 requests, L - 1 tokens). Negative controls: a step that scheduled
+    more tokens than its decode (a prefill too) and a step without a measured forward (no
+    costs) observe nothing."""
     from vllm_redrafter.steps import StepCosts
 
     proposer = _proposer(tree_mode=False)
     ticks = iter([0.0, 0.01, 0.01,  # call 1: start, D measured, cycle opened
                   0.10, 0.11, 0.11,  # call 2
-                  0.30, 0.31, 0.31])  # call 3
+                  0.30, 0.31, 0.31,  # call 3
+                  0.50, 0.51, 0.51])  # call 4
     proposer._cost_clock = lambda: next(ticks)
     proposer.propose_step(_step(), hidden)
     step = _step()
-    proposer.propose_step(DraftStep(step.num_reqs, step.requests, step.num_rows,
-                                    StepCosts(8, 0.05, ())), hidden)
+
+    def with_costs(num_tokens):
+        return DraftStep(step.num_reqs, step.requests, step.num_rows,
+                         StepCosts(num_tokens, 0.05, ()))
+
+    decode_tokens = 2 * (1 + (LENGTH - 1))  # 2 requests, each 1 + L - 1 drafted tokens
+    proposer.propose_step(with_costs(decode_tokens), hidden)
     assert proposer.policy.overhead.estimate(2, LENGTH - 1) == pytest.approx(0.04)
     assert set(proposer.policy.overhead.by_length) == {LENGTH - 1}
     proposer.policy.overhead.by_length.clear()
+    # a step that also prefilled (more tokens than a decode step verifying the drafts)
+    proposer.propose_step(with_costs(decode_tokens + 1), hidden)
+    assert not proposer.policy.overhead.by_length
     proposer.propose_step(_step(), hidden)  # no costs: not observed
     assert not proposer.policy.overhead.by_length
