@@ -798,8 +798,9 @@ class ReDrafterProposer:
         length = self._draft_length(len(step.requests), policy)
         if length == 0:  # not worth drafting this step: plain decoding
             self.draft_seconds += time.perf_counter() - start
-            self._open_cycle(cost_start, len(step.requests), 0, policy, Proposal())
-            return Proposal()
+            proposal = Proposal()
+            self._open_cycle(cost_start, len(step.requests), 0, policy, proposal)
+            return proposal
         self._step_beam_length = length + 1
         if found is None:
             found = self._find_lookups(step)

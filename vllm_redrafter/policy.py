@@ -149,13 +149,19 @@ class StepCostTable:
 
 
 @dataclass
-class DraftCostTable:
-    """Seconds of one drafting step against the requests drafted, per draft length."""
+class _PerLengthTable:
+    """Seconds against the requests (a :class:`StepCostTable`), one table per draft
+    length; subclasses say how a length is estimated."""
 
     by_length: dict[int, StepCostTable] = field(default_factory=dict)
 
     def observe(self, num_reqs: int, length: int, seconds: float) -> None:
         self.by_length.setdefault(length, StepCostTable()).observe(num_reqs, seconds)
+
+
+@dataclass
+class DraftCostTable(_PerLengthTable):
+    """Seconds of one drafting step against the requests drafted, per draft length."""
 
     def estimate(self, num_reqs: int, length: int) -> float | None:
         """Measured at this length if possible, else scaled from the nearest measured
@@ -173,7 +179,7 @@ class DraftCostTable:
 
 
 @dataclass
-class OverheadTable:
+class OverheadTable(_PerLengthTable):
     """Seconds of a step's cycle outside the target's step and the drafting, against the
     requests, per draft length (0: a plain step): the engine's scheduling and output
     processing, the runner's bookkeeping, the proposer's own work around the beam search.
@@ -192,11 +198,6 @@ class OverheadTable:
     without it). Example: ``observe(16, 0, 0.02)``, ``observe(16, 2, 0.10)``:
     ``estimate(16, 1) = 0.06``, ``estimate(16, 4) = 0.10``.
     """
-
-    by_length: dict[int, StepCostTable] = field(default_factory=dict)
-
-    def observe(self, num_reqs: int, length: int, seconds: float) -> None:
-        self.by_length.setdefault(length, StepCostTable()).observe(num_reqs, seconds)
 
     def estimate(self, num_reqs: int, length: int) -> float:
         below = [m for m in self.by_length if m <= length]

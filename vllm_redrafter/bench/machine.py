@@ -44,9 +44,10 @@ def steal_seconds(stat: str, ticks_per_second: float) -> tuple[float, ...] | Non
     (2026-12-03): a round of an engine decoding an identical schedule without drafting
     lost 13.2 s of its 27.5 s wall to it, where rounds with under 0.5 s stolen took 9-10.6 s;
     wall time minus a busy thread's CPU time equalled the steal to 0.01 s. It falls on the
-    busy virtual CPU: a pinned busy loop lost 0.5-0.8 s per 8 s on its own CPU and 0.1 s on
-    the idle one, and during bench cells every stolen second was taken from the CPU of the
-    engine's model worker (0.2-16.5 s per cell), none from the other.
+    busy virtual CPU: a pinned busy loop lost 0.2-0.8 s per 8 s on its own CPU and about
+    0.1 s on the idle one, and in 20 bench cells every stolen second (0.2-16.5 s a cell)
+    was taken from the CPU of the engine's model worker, none from the other (in six c=16
+    cells both lost 0-0.9 s).
 
     Example: ``"cpu  10 0 5 900 0 0 0 40 0 0\ncpu0 5 0 2 450 0 0 0 30 0 0\ncpu1 5 0 3 450
     0 0 0 10 0 0"`` with 100 ticks per second -> ``(0.3, 0.1)``.

@@ -390,7 +390,7 @@ def markdown_table(report: dict[str, Any]) -> str:
                   "| rounds |",
                   "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {s['config']} | {s['concurrency']} | {s['temperature']} | "
-                  f"{s['median']:.2f}× | {s['low']:.2f}–{s['high']:.2f}× | "
+                  f"{s['median']:.2f}× | {_span(s['low'], s['high'])} | "
                   f"{_times(s.get('best'))} | {_times(s.get('net_median'))} | "
                   f"{_span(s.get('net_low'), s.get('net_high'))} | "
                   f"{s['repeats']} |"
