@@ -689,7 +689,8 @@ class ReDrafterProposer:
         return DraftPolicy(
             max_length=depth,
             tree=TreeSizeTable(lookup.max_candidates, self.options.max_tree_drafts),
-            adaptive=bool(self.options.adaptive), target=self.policy.target)
+            adaptive=bool(self.options.adaptive), target=self.policy.target,
+            plain=self.policy.plain)
 
     def profile_run(self, num_reqs: int) -> None:
         """The drafter's peak working memory, inside vLLM's memory profiling: one beam
@@ -865,8 +866,9 @@ class ReDrafterProposer:
         """Feed the finished step's measured cost and acceptance to the policy."""
         if costs is None:
             return
-        if costs.forward_seconds is not None:
-            self.policy.target.observe(costs.num_tokens, costs.forward_seconds)
+        if costs.forward_seconds is not None:  # verification and plain steps apart
+            table = self.policy.target if costs.verified else self.policy.plain
+            table.observe(costs.num_tokens, costs.forward_seconds)
         # the depth drafted last step (a chain's length; a tree's depth, whatever its
         # node count)
         depth = self._step_beam_length - 1

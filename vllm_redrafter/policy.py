@@ -5,9 +5,17 @@ Speculation pays only while verifying drafted tokens is cheap next to the tokens
 save. For a decode batch of ``B`` requests each drafting ``k`` tokens the expected speed is
 
     rate(k) = B * E(k) / (T(B * (1 + k)) + D(B, k) + O(B, k)),  E(k) = 1 + sum_{d=1..k} A(d)
+    rate(0) = B / (T0(B) + O(B, 0))
 
 - ``T(n)``: measured seconds of a target step that verifies ``n`` tokens
-  (:class:`StepCostTable`, from the engine's own steps);
+  (:class:`StepCostTable`, from the engine's own steps). Steps that verified drafts and
+  steps that did not are kept apart: a plain step of ``n`` requests (``T0(n)``,
+  :attr:`DraftPolicy.plain`) computes logits and samples ``n`` rows, a verification step
+  of ``n`` tokens computes logits for all ``n`` and runs the rejection sampler, so the two
+  differ at the same ``n`` (in-process, bfloat16, 2026-12-03: ``n = 16`` read 135 ms from
+  4 requests verifying 3 drafts each, 77 ms from 16 plain requests; mixed in one bin, the
+  first made plain decoding at 16 requests look 1.7x slower than it was, and drafting
+  two tokens was rated 1.7x faster);
 - ``D(B, k)``: measured seconds of drafting ``k`` tokens for ``B`` requests
   (:class:`DraftCostTable`);
 - ``O(B, k)``: measured seconds of the rest of such a step's cycle, from one drafting call
@@ -313,6 +321,10 @@ class DraftPolicy:
         warm_up_cost: warm-up drafts fully only while the estimated cost of such a step
             (verification plus drafting) is at most this multiple of a plain step's (no
             draft otherwise).
+        target: seconds of steps that verified drafts, against their tokens.
+        plain: seconds of steps without a draft (plain decoding, prefills), against
+            their tokens. Until it has a measurement, plain steps are estimated from
+            :attr:`target` (recorded tables with one kind of step).
     """
 
     max_length: int
@@ -323,6 +335,7 @@ class DraftPolicy:
     min_gain: float = 1.10
     warm_up_cost: float = 2.0
     target: StepCostTable = field(default_factory=StepCostTable)
+    plain: StepCostTable = field(default_factory=StepCostTable)
     draft: DraftCostTable = field(default_factory=DraftCostTable)
     overhead: OverheadTable = field(default_factory=OverheadTable)
     acceptance: AcceptanceTracker = field(init=False)
@@ -347,10 +360,38 @@ class DraftPolicy:
         nodes = self.tree.nodes(length) if self.tree is not None else length
         return int(round(num_reqs * (1 + nodes)))
 
+    def plain_cost(self, num_reqs: int) -> float | None:
+        """``T0(num_reqs)``: a plain step's seconds (from :attr:`target` while
+        :attr:`plain` is empty)."""
+        table = self.plain if self.plain.num_bins else self.target
+        return table.estimate(num_reqs)
+
+    def verify_cost(self, num_tokens: int) -> float | None:
+        """``T(num_tokens)``: seconds of a step verifying ``num_tokens`` tokens. From
+        :attr:`target`; with only one size measured there, that measurement shifted by
+        the plain steps' slope (a verification step costs a plain step of its size plus
+        a roughly constant extra), not scaled in proportion.
+
+        Example: verified ``T(5) = 0.110``, plain ``T0(1) = 0.100``, ``T0(16) = 0.130``:
+        ``verify_cost(3) = 0.110 + (0.104 - 0.108) = 0.106``."""
+        if self.target.num_bins == 1 and self.plain.num_bins >= 1:
+            (only,) = self.target.bins.values()
+            shift = self.plain.estimate(num_tokens) - self.plain.estimate(round(only.n))
+            return max(only.seconds + shift, 0.0)
+        return self.target.estimate(num_tokens)
+
+    def costs_known(self) -> bool:
+        """Whether plain and verification steps can both be estimated: two sizes of
+        either kind, or one of each (an unmeasured kind is warmed up first)."""
+        if self.plain.num_bins == 0:
+            return self.target.num_bins >= 2
+        return self.target.num_bins >= 1
+
     def rate(self, num_reqs: int, length: int) -> float | None:
         """Expected tokens per second, or None if a needed cost is unmeasured."""
         tokens = 1.0 if length == 0 else self.acceptance.expected_tokens(length)
-        target = self.target.estimate(self.verified_tokens(num_reqs, length))
+        target = (self.plain_cost(num_reqs) if length == 0
+                  else self.verify_cost(self.verified_tokens(num_reqs, length)))
         drafting = self.draft.estimate(num_reqs, length)
         if tokens is None or target is None or drafting is None or target + drafting <= 0:
             return None
@@ -387,7 +428,7 @@ class DraftPolicy:
     def _decide(self, num_reqs: int) -> Decision:
         if not self.adaptive:
             return Decision(self.max_length, "pinned")
-        if self.acceptance.samples < self.min_samples or self.target.num_bins < 2:
+        if self.acceptance.samples < self.min_samples or not self.costs_known():
             return self._warm_up(num_reqs)
         rates = {k: r for k in self.candidates()
                  if (r := self.rate(num_reqs, k)) is not None}
@@ -423,8 +464,8 @@ class DraftPolicy:
         2.4x, no draft.
         """
         length = self.max_length
-        full = self.target.estimate(self.verified_tokens(num_reqs, length))
-        plain = self.target.estimate(self.verified_tokens(num_reqs, 0))
+        full = self.verify_cost(self.verified_tokens(num_reqs, length))
+        plain = self.plain_cost(num_reqs)
         drafting = self.draft.estimate(num_reqs, length)
         if full is not None and drafting is not None:
             full += drafting
@@ -434,9 +475,11 @@ class DraftPolicy:
         return Decision(length, "warm-up")
 
     def plain_measured(self, num_reqs: int) -> bool:
-        """Whether a plain step of ``num_reqs`` requests (``T(num_reqs)``, no draft) has
-        a measured cost bin (not only an extrapolation from larger steps)."""
-        return _bin(self.verified_tokens(num_reqs, 0)) in self.target.bins
+        """Whether a plain step of ``num_reqs`` requests (``T0(num_reqs)``, no draft) has
+        a measured cost bin (not only an extrapolation from other steps): in
+        :attr:`plain` (in :attr:`target` while :attr:`plain` is empty)."""
+        table = self.plain if self.plain.num_bins else self.target
+        return _bin(num_reqs) in table.bins
 
     def counters(self) -> dict[str, float]:
         """Steps decided, steps without a draft, sum of draft lengths (the bench takes

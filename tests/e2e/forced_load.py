@@ -30,7 +30,7 @@ class ForcedLoadProposer(ReDrafterProposer):
             StepCostTable.observe(table, n, 0.01 * n)
         for policy in (self.policy, self.lookup_policy):  # (look-up-only steps' policy)
             if policy is not None:
-                policy.target = table
+                policy.target = policy.plain = table
                 # warm up whatever it costs (by this table a full draft costs 5 plain
                 # steps, which would skip the warm-up): the test checks that drafting
                 # stops after it

@@ -118,6 +118,20 @@ def test_no_draft_runs_no_beam_search_and_sends_nothing():
     assert proposer.policy.no_draft_steps == 1
     # the finished step's costs and acceptance reached the policy
     assert proposer.policy.target.estimate(10) == 0.05
+    assert proposer.policy.plain.num_bins == 0  # it verified drafts: not a plain step
+
+
+def test_plain_steps_are_timed_apart_from_verification_steps():
+    """A step that verified no draft goes to the policy's plain table; negative
+    control: one that verified drafts goes to the verification table."""
+    proposer = _proposer(0)
+    requests = [DraftRequest("a", 0, 0, 7), DraftRequest("b", 1, 1, 8)]
+    proposer.propose_step(DraftStep(2, requests, 2, StepCosts(2, 0.03)), torch.zeros(2, 3))
+    assert proposer.policy.plain.estimate(2) == 0.03
+    assert proposer.policy.target.num_bins == 0
+    proposer.propose_step(_step(), torch.zeros(2, 3))
+    assert proposer.policy.target.estimate(10) == 0.05
+    assert proposer.policy.plain.num_bins == 1
     assert abs(proposer.policy.acceptance.reach(1) - 0.5) < 1e-3
 
 

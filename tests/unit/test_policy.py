@@ -325,3 +325,58 @@ def test_a_drafts_overhead_can_turn_drafting_off():
     assert tokens == pytest.approx(1.59, abs=0.02)
     assert decision.rates[2] == pytest.approx(16 * tokens / (0.158 + 0.013 + 0.100))
     assert decision.rates[0] == pytest.approx(16 / (0.140 + 0.020))
+
+
+# Recorded in-process (2026-12-03, bfloat16, greedy, runs/s21/probe_split.py): steps that
+# verified drafts (4 requests drafting 1-4 tokens, 16 drafting 2) and plain steps (1, 4
+# and 16 requests), by tokens; and a 16-token verification step (4 requests x 4 tokens)
+# that before the split shared the plain 16-request step's bin.
+SPLIT_VERIFY = {5: 0.064, 8: 0.0706, 12: 0.0901, 20: 0.091, 48: 0.1555}
+SPLIT_PLAIN = {1: 0.056, 4: 0.0648, 16: 0.0803}
+VERIFY_16 = 0.133
+
+
+def _split_policy(one_table: bool) -> DraftPolicy:
+    policy = DraftPolicy(max_length=2)
+    plain = policy.target if one_table else policy.plain
+    for n, seconds in SPLIT_PLAIN.items():
+        plain.observe(n, seconds)
+    for n, seconds in SPLIT_VERIFY.items():
+        policy.target.observe(n, seconds)
+    for _ in range(20):  # c=4's 3-token drafts, after the 16-request plain steps
+        policy.target.observe(16, VERIFY_16)
+    policy.draft.observe(16, 2, 0.010)
+    for a in C16_ACCEPTED:
+        policy.acceptance.observe(2, a)
+    return policy
+
+
+def test_plain_steps_are_not_estimated_from_verification_steps_of_their_size():
+    """At 16 requests a plain step costs 80 ms, not the 133 ms of verifying 16 tokens of
+    4 requests: plain decoding (rate 199 tok/s) beats drafting 1 or 2 tokens.
+    Negative control: with both kinds in one table the plain step reads 133 ms and the
+    drafts are rated up to 1.5x faster than plain decoding, so it drafts."""
+    split = _split_policy(one_table=False)
+    decision = split.choose(16)
+    assert decision.length == 0 and decision.reason == "rate"
+    assert decision.rates[0] == pytest.approx(16 / 0.0803, rel=1e-3)
+    assert split.plain_measured(16)
+    mixed = _split_policy(one_table=True).choose(16)
+    assert mixed.length >= 1
+    assert mixed.rates[mixed.length] > 1.25 * mixed.rates[0]
+
+
+def test_one_measured_verification_size_follows_the_plain_steps_slope():
+    """The docstring's example; negative control: without plain steps the single
+    verification bin is scaled in proportion (the cost table's own rule)."""
+    policy = DraftPolicy(max_length=4)
+    policy.target.observe(5, 0.110)
+    policy.plain.observe(1, 0.100)
+    policy.plain.observe(16, 0.130)
+    assert policy.costs_known()
+    assert policy.verify_cost(3) == pytest.approx(0.106)
+    assert policy.verify_cost(20) == pytest.approx(0.110 + 0.138 - 0.108)
+    alone = DraftPolicy(max_length=4)
+    alone.target.observe(5, 0.110)
+    assert not alone.costs_known()
+    assert alone.verify_cost(20) == pytest.approx(0.44)
