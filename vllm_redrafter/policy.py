@@ -12,10 +12,10 @@ save. For a decode batch of ``B`` requests each drafting ``k`` tokens the expect
   steps that did not are kept apart: a plain step of ``n`` requests (``T0(n)``,
   :attr:`DraftPolicy.plain`) computes logits and samples ``n`` rows, a verification step
   of ``n`` tokens computes logits for all ``n`` and runs the rejection sampler, so the two
-  differ at the same ``n`` (in-process, bfloat16, 2026-12-03: ``n = 16`` read 135 ms from
-  4 requests verifying 3 drafts each, 77 ms from 16 plain requests; mixed in one bin, the
+  differ at the same ``n`` (in-process, bfloat16, 2026-12-03: ``n = 16`` read 133 ms from
+  4 requests verifying 3 drafts each, 80 ms from 16 plain requests; mixed in one bin, the
   first made plain decoding at 16 requests look 1.7x slower than it was, and drafting
-  two tokens was rated 1.7x faster);
+  two tokens was rated 1.7x faster than it);
 - ``D(B, k)``: measured seconds of drafting ``k`` tokens for ``B`` requests
   (:class:`DraftCostTable`);
 - ``O(B, k)``: measured seconds of the rest of such a step's cycle, from one drafting call
