@@ -841,13 +841,18 @@ class ReDrafterProposer:
         requests' scheduling: in-process at 64 requests such steps put a plain step's
         overhead at 57 ms against 5 ms for decode-only steps, which made drafting look
         1.26x faster than plain decoding."""
+        decode_only = costs is not None and self._decode_only(costs)
         last, self._cycle = self._cycle, None
-        if last is None or costs is None or costs.forward_seconds is None:
+        if not decode_only or costs.forward_seconds is None:
             return
-        began, num_reqs, length, policy, spent, decode_tokens = last
-        if costs.num_tokens > decode_tokens:
-            return
+        began, num_reqs, length, policy, spent, _ = last
         policy.observe_cycle(num_reqs, length, now - began, costs.forward_seconds, spent)
+
+    def _decode_only(self, costs: StepCosts) -> bool:
+        """Whether the step that just ran decoded the open cycle's requests and verified
+        its drafts and nothing more (no more tokens than one per request plus the
+        drafts: no prefill beside them)."""
+        return self._cycle is not None and costs.num_tokens <= self._cycle[5]
 
     def _beams(self, step: DraftStep, sample_hidden_states: torch.Tensor) -> torch.Tensor:
         """The step's beams on the host, ``[B, W, L]`` (one device-to-host copy); raises
@@ -863,12 +868,21 @@ class ReDrafterProposer:
         return host[:, :-1].reshape(beams.shape)  # [B, W, L]
 
     def _observe(self, costs: StepCosts | None) -> None:
-        """Feed the finished step's measured cost and acceptance to the policy."""
+        """Feed the finished step's measured cost and acceptance to the policy.
+
+        Plain steps (prefills included) go to ``policy.plain``; steps that verified
+        drafts to ``policy.target``, but only where they verified nothing else: a step
+        that verified 4 requests' drafts beside a 50-token prefill computes 20 rows of
+        logits for 70 tokens, and in ``bench`` (bf16, T=0.7, 2026-12-03) such steps
+        priced verifying 14 requests x 5 tokens at 117 ms against 119 ms for a plain
+        14-request step, so the policy drafted 4 tokens at 12-15 requests and lost."""
         if costs is None:
             return
         if costs.forward_seconds is not None:  # verification and plain steps apart
-            table = self.policy.target if costs.verified else self.policy.plain
-            table.observe(costs.num_tokens, costs.forward_seconds)
+            if not costs.verified:
+                self.policy.plain.observe(costs.num_tokens, costs.forward_seconds)
+            elif self._decode_only(costs):
+                self.policy.target.observe(costs.num_tokens, costs.forward_seconds)
         # the depth drafted last step (a chain's length; a tree's depth, whatever its
         # node count)
         depth = self._step_beam_length - 1

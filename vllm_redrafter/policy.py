@@ -370,10 +370,13 @@ class DraftPolicy:
         """``T(num_tokens)``: seconds of a step verifying ``num_tokens`` tokens. From
         :attr:`target`; with only one size measured there, that measurement shifted by
         the plain steps' slope (a verification step costs a plain step of its size plus
-        a roughly constant extra), not scaled in proportion.
+        a roughly constant extra), not scaled in proportion; with none, a plain step's
+        (so that a fresh engine's warm-up is priced from its prefills).
 
         Example: verified ``T(5) = 0.110``, plain ``T0(1) = 0.100``, ``T0(16) = 0.130``:
         ``verify_cost(3) = 0.110 + (0.104 - 0.108) = 0.106``."""
+        if self.target.num_bins == 0:  # none yet: plain steps of that size stand in
+            return self.plain.estimate(num_tokens)
         if self.target.num_bins == 1 and self.plain.num_bins >= 1:
             (only,) = self.target.bins.values()
             shift = self.plain.estimate(num_tokens) - self.plain.estimate(round(only.n))

@@ -116,22 +116,26 @@ def test_no_draft_runs_no_beam_search_and_sends_nothing():
     proposal = proposer.propose_step(_step(), torch.zeros(2, 3))
     assert proposal.drafts == {} and proposer.calls == []
     assert proposer.policy.no_draft_steps == 1
-    # the finished step's costs and acceptance reached the policy
-    assert proposer.policy.target.estimate(10) == 0.05
-    assert proposer.policy.plain.num_bins == 0  # it verified drafts: not a plain step
+    # the finished step's acceptance reached the policy; its cost did not (no drafting
+    # call before it, so nothing says it verified only drafts)
+    assert proposer.policy.target.num_bins == 0 and proposer.policy.plain.num_bins == 0
 
 
 def test_plain_steps_are_timed_apart_from_verification_steps():
-    """A step that verified no draft goes to the policy's plain table; negative
-    control: one that verified drafts goes to the verification table."""
-    proposer = _proposer(0)
+    """A step that verified no draft goes to the policy's plain table; one that verified
+    the 2 x 4 drafts of the call before (10 tokens) to the verification table. Negative
+    control: a step that verified drafts beside a prefill (more tokens) goes to neither."""
+    proposer = _proposer(4)
     requests = [DraftRequest("a", 0, 0, 7), DraftRequest("b", 1, 1, 8)]
     proposer.propose_step(DraftStep(2, requests, 2, StepCosts(2, 0.03)), torch.zeros(2, 3))
     assert proposer.policy.plain.estimate(2) == 0.03
     assert proposer.policy.target.num_bins == 0
-    proposer.propose_step(_step(), torch.zeros(2, 3))
+    proposer.propose_step(_step(), torch.zeros(2, 3))  # StepCosts(10, 0.05, verified)
     assert proposer.policy.target.estimate(10) == 0.05
     assert proposer.policy.plain.num_bins == 1
+    mixed = StepCosts(60, 0.07, ((4, 1), (4, 0)))
+    proposer.propose_step(DraftStep(2, requests, 2, mixed), torch.zeros(2, 3))
+    assert proposer.policy.target.num_bins == 1 and proposer.policy.plain.num_bins == 1
     assert abs(proposer.policy.acceptance.reach(1) - 0.5) < 1e-3
 
 

@@ -380,3 +380,15 @@ def test_one_measured_verification_size_follows_the_plain_steps_slope():
     alone.target.observe(5, 0.110)
     assert not alone.costs_known()
     assert alone.verify_cost(20) == pytest.approx(0.44)
+
+
+def test_with_no_verification_step_measured_plain_steps_stand_in():
+    """A fresh engine has timed only prefills: a full draft's verification is priced from
+    them (the warm-up's affordability rule needs a price); negative control: nothing
+    measured at all gives no price."""
+    policy = DraftPolicy(max_length=4)
+    assert policy.verify_cost(80) is None
+    policy.plain.observe(64, 0.40)
+    policy.plain.observe(300, 1.50)
+    assert policy.verify_cost(80) == pytest.approx(policy.plain.estimate(80))
+    assert policy._warm_up(16).length == 0  # 16 x 5 tokens: more than 2 plain steps
