@@ -36,7 +36,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -86,6 +86,22 @@ WARMUP_REQUESTS = 2
 """Requests in the load-time warm-up beam search (checks shapes and TP collectives)."""
 
 _T = TypeVar("_T")
+
+
+class _Cycle(NamedTuple):
+    """The last drafting call, closed by the next (:meth:`DraftPolicy.observe_cycle`)."""
+
+    began: float
+    """Its start on the policy's clock."""
+    num_reqs: int
+    length: int
+    policy: DraftPolicy
+    """The policy that chose its draft."""
+    spent: float
+    """Seconds it took."""
+    decode_tokens: int
+    """Tokens a decode step verifying its drafts schedules (one per request plus the
+    drafts)."""
 
 
 def describe_load_failures(outcomes: list[tuple[str, str | None]], what: str) -> str | None:
@@ -459,10 +475,8 @@ class ReDrafterProposer:
     _drafted_by: DraftPolicy | None = None
     """The policy that chose the last step's draft (fed that step's acceptance); None
     before the first step (then :attr:`policy`)."""
-    _cycle: tuple[float, int, int, DraftPolicy, float, int] | None = None
-    """The last drafting call: (its start on the policy's clock, requests, length, the
-    policy that chose it, seconds it took, tokens a decode step verifying its drafts
-    schedules), closed by the next call (:meth:`DraftPolicy.observe_cycle`)."""
+    _cycle: _Cycle | None = None
+    """The last drafting call, closed by the next one."""
 
     def __init__(self, vllm_config: Any) -> None:
         from vllm_redrafter import plugin
@@ -830,8 +844,8 @@ class ReDrafterProposer:
                     proposal: Proposal) -> None:
         """Remember this drafting call, to be closed by the next one."""
         decode_tokens = num_reqs + sum(len(d) for d in proposal.drafts.values())
-        self._cycle = (began, num_reqs, length, policy, self._cost_clock() - began,
-                       decode_tokens)
+        self._cycle = _Cycle(began, num_reqs, length, policy, self._cost_clock() - began,
+                             decode_tokens)
 
     def _close_cycle(self, costs: StepCosts | None, now: float) -> None:
         """The cycle since the last drafting call, with the target's step measured inside
@@ -845,14 +859,14 @@ class ReDrafterProposer:
         last, self._cycle = self._cycle, None
         if not decode_only or costs.forward_seconds is None:
             return
-        began, num_reqs, length, policy, spent, _ = last
-        policy.observe_cycle(num_reqs, length, now - began, costs.forward_seconds, spent)
+        last.policy.observe_cycle(last.num_reqs, last.length, now - last.began,
+                                  costs.forward_seconds, last.spent)
 
     def _decode_only(self, costs: StepCosts) -> bool:
         """Whether the step that just ran decoded the open cycle's requests and verified
         its drafts and nothing more (no more tokens than one per request plus the
         drafts: no prefill beside them)."""
-        return self._cycle is not None and costs.num_tokens <= self._cycle[5]
+        return self._cycle is not None and costs.num_tokens <= self._cycle.decode_tokens
 
     def _beams(self, step: DraftStep, sample_hidden_states: torch.Tensor) -> torch.Tensor:
         """The step's beams on the host, ``[B, W, L]`` (one device-to-host copy); raises

@@ -321,7 +321,8 @@ class DraftPolicy:
         warm_up_cost: warm-up drafts fully only while the estimated cost of such a step
             (verification plus drafting) is at most this multiple of a plain step's (no
             draft otherwise).
-        target: seconds of steps that verified drafts, against their tokens.
+        target: seconds of steps that verified drafts, against their tokens (the
+            proposer feeds only steps that verified nothing else: no prefill beside).
         plain: seconds of steps without a draft (plain decoding, prefills), against
             their tokens. Until it has a measurement, plain steps are estimated from
             :attr:`target` (recorded tables with one kind of step).
@@ -360,11 +361,14 @@ class DraftPolicy:
         nodes = self.tree.nodes(length) if self.tree is not None else length
         return int(round(num_reqs * (1 + nodes)))
 
+    def _plain_table(self) -> StepCostTable:
+        """Where plain steps are read: :attr:`plain`, or :attr:`target` while
+        :attr:`plain` is empty."""
+        return self.plain if self.plain.num_bins else self.target
+
     def plain_cost(self, num_reqs: int) -> float | None:
-        """``T0(num_reqs)``: a plain step's seconds (from :attr:`target` while
-        :attr:`plain` is empty)."""
-        table = self.plain if self.plain.num_bins else self.target
-        return table.estimate(num_reqs)
+        """``T0(num_reqs)``: a plain step's seconds (:meth:`_plain_table`)."""
+        return self._plain_table().estimate(num_reqs)
 
     def verify_cost(self, num_tokens: int) -> float | None:
         """``T(num_tokens)``: seconds of a step verifying ``num_tokens`` tokens. From
@@ -480,9 +484,8 @@ class DraftPolicy:
     def plain_measured(self, num_reqs: int) -> bool:
         """Whether a plain step of ``num_reqs`` requests (``T0(num_reqs)``, no draft) has
         a measured cost bin (not only an extrapolation from other steps): in
-        :attr:`plain` (in :attr:`target` while :attr:`plain` is empty)."""
-        table = self.plain if self.plain.num_bins else self.target
-        return _bin(num_reqs) in table.bins
+        :meth:`_plain_table`."""
+        return _bin(num_reqs) in self._plain_table().bins
 
     def counters(self) -> dict[str, float]:
         """Steps decided, steps without a draft, sum of draft lengths (the bench takes

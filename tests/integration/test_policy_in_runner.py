@@ -119,6 +119,7 @@ def test_no_draft_runs_no_beam_search_and_sends_nothing():
     # the finished step's acceptance reached the policy; its cost did not (no drafting
     # call before it, so nothing says it verified only drafts)
     assert proposer.policy.target.num_bins == 0 and proposer.policy.plain.num_bins == 0
+    assert abs(proposer.policy.acceptance.reach(1) - 0.5) < 1e-3
 
 
 def test_plain_steps_are_timed_apart_from_verification_steps():
