@@ -279,3 +279,62 @@ def test_ratios_net_of_steal_leave_the_stolen_seconds_out():
     cells[0] = _cell("none", 4, 0.0, 80, 8.0, repeat=0)  # round 0's steal unknown
     (summary,) = rep.repeat_summary(rep.summarize(cells))
     assert summary["net_median"] is None and summary["median"] == 1.0
+
+
+def _pooled_cells(ratios_by_config, conc=16, base_wall=10.0):
+    """Cells of two temperatures x rounds: ``none`` at ``base_wall`` and each config at
+    the ratio given (``ratios_by_config[config][i]`` for cell i, temperatures inner)."""
+    cells = []
+    count = len(next(iter(ratios_by_config.values())))
+    for i in range(count):
+        temp, round_ = (0.0, 0.7)[i % 2], i // 2
+        cells.append(_cell("none", conc, temp, 100, base_wall, repeat=round_))
+        for config, ratios in ratios_by_config.items():
+            cells.append(_cell(config, conc, temp, 100, base_wall / ratios[i], repeat=round_))
+    return cells
+
+
+def test_pooled_summary_geometric_mean_and_interval():
+    """Four cells at 1.0, 0.9, 1.1 and 1.0x of ``none`` pool to 0.997x with the interval
+    0.876-1.136x (the docstring's example); against the control, measured in the same
+    cells, the ratios are the config's over the control's."""
+    cells = _pooled_cells({"x": [1.0, 0.9, 1.1, 1.0], rep.CONTROL: [1.0, 1.0, 1.0, 0.8]})
+    pooled = {(p["config"], p["concurrency"]): p
+              for p in rep.pooled_summary(rep.summarize(cells))}
+    x = pooled[("x", 16)]
+    assert x["cells"] == 4
+    assert (x["vs_none"], x["vs_none_low"], x["vs_none_high"]) == (0.997, 0.876, 1.136)
+    # against the control: 1.0, 0.9, 1.1, 1.25
+    assert x["vs_control"] == pytest.approx((0.9 * 1.1 * 1.25) ** 0.25, abs=1e-3)
+    assert "vs_control" not in pooled[(rep.CONTROL, 16)]  # the control is not its own
+    assert pooled[(rep.CONTROL, 16)]["vs_none"] == pytest.approx(0.8 ** 0.25, abs=1e-3)
+    assert ("x", None) not in pooled  # one concurrency: no row over all of them
+    md = rep.markdown_table(rep.build_report(cells, {}, {}))
+    assert "| x | 16 | 4 | 1.00× | 0.88–1.14× | 1.05× |" in md
+    assert "| x | all |" not in md
+
+
+def test_pooled_summary_finds_a_loss_that_single_cells_hide():
+    """A config 7% slower than ``none`` in every cell, under +-5% noise per cell: no
+    single cell is below 0.88x, yet the pooled interval over 8 cells ends below 0.97x.
+    Negative control: the same noise around 1.0x gives an interval that holds 1."""
+    noise = [1.05, 0.95, 1.03, 0.97, 1.0, 1.04, 0.96, 1.0]
+    lossy = rep.pooled_summary(rep.summarize(_pooled_cells({"x": [0.93 * n for n in noise]})))
+    even = rep.pooled_summary(rep.summarize(_pooled_cells({"x": noise})))
+    assert min(0.93 * n for n in noise) > 0.88
+    assert lossy[0]["vs_none_high"] < 0.97
+    assert even[0]["vs_none_low"] < 1.0 < even[0]["vs_none_high"]
+
+
+def test_pooled_summary_per_concurrency_and_over_all():
+    """Each concurrency pools its own cells; ``concurrency`` None pools every cell. Two
+    cells give no interval worth the name (t = 12.7), so a config measured in fewer than
+    three is left out."""
+    cells = (_pooled_cells({"x": [1.2, 1.2, 1.2]}, conc=4)
+             + _pooled_cells({"x": [0.9, 0.9, 0.9]}, conc=64))
+    pooled = {p["concurrency"]: p for p in rep.pooled_summary(rep.summarize(cells))}
+    assert pooled[4]["vs_none"] == 1.2 and pooled[64]["vs_none"] == 0.9
+    assert pooled[None]["cells"] == 6
+    assert pooled[None]["vs_none"] == pytest.approx((1.2 * 0.9) ** 0.5, abs=1e-3)
+    assert "vs_control" not in pooled[None]  # no control engine in this run
+    assert rep.pooled_summary(rep.summarize(_pooled_cells({"x": [1.0, 1.1]}))) == []

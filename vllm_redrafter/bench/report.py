@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,6 +32,13 @@ from vllm_redrafter.bench.machine import machine_line
 
 SCHEMA = "vllm-redrafter-bench/1"
 BASELINE = "none"
+CONTROL = "none-control"
+"""The second plain engine (``bench --configs ...,none-control``): an A/A check."""
+
+_T975 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16,
+         2.14, 2.13, 2.12, 2.11, 2.10, 2.09, 2.09)
+"""Student's t, two-sided 95% (the 0.975 quantile), for 1..20 degrees of freedom; 2.0
+beyond (2.04 at 30, 1.96 in the limit)."""
 
 
 @dataclasses.dataclass
@@ -298,6 +306,74 @@ def repeat_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
+POOLED_MIN_CELLS = 3
+"""Fewest cells :func:`pooled_summary` pools (two would put t at 12.7: no interval)."""
+
+
+def _geometric_interval(ratios: Sequence[float]) -> tuple[float, float, float]:
+    """Geometric mean of ``ratios`` and its ~95% t-interval (on the logs); the interval
+    is ``(nan, nan)`` for one ratio. Example: ``[0.9, 1.1, 1.0, 1.0]`` -> mean 0.997,
+    interval 0.876-1.136 (sd of the logs 0.082, t(3) = 3.18, over sqrt(4))."""
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), math.nan, math.nan
+    t = _T975[len(logs) - 2] if len(logs) - 1 <= len(_T975) else 2.0
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def pooled_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each config's ratios pooled over temperatures and rounds, per concurrency and
+    over all (``concurrency`` None), against ``none`` and, where the run has the A/A
+    engine, against ``none-control`` measured in the same cell and round.
+
+    On a host where two identical engines read 0.8-1.3x apart cell by cell, one cell
+    cannot tell a 3% loss from noise; a config that costs nothing shows a geometric mean
+    near 1 over many cells, and its ~95% interval narrows as cells are added. Against
+    the control the comparison is paired like the baseline's: both plain engines are the
+    same, so a config that never drafts reads about 1 against either. The interval
+    is for the mean ratio over the pooled cells: where a config's effect differs between
+    temperatures (batch 1: greedy gains more) it widens, and it says nothing about one
+    cell. ``POOLED_MIN_CELLS`` (3) cells at least (with two, t = 12.7); the row over all
+    concurrencies only where the run has more than one.
+
+    Example: at c=16 two rounds of two temperatures with the config at 1.0, 0.9, 1.1 and
+    1.0x of ``none`` -> ``{"concurrency": 16, "cells": 4, "vs_none": 0.997,
+    "vs_none_low": 0.876, "vs_none_high": 1.136, ...}``."""
+    by_cell: dict[tuple[int, float, int], dict[str, float]] = {}
+    for r in rows:
+        if r["status"] == "ok" and r["output_tok_per_s"]:
+            key = (r["concurrency"], r["temperature"], r.get("repeat", 0))
+            by_cell.setdefault(key, {})[r["config"]] = r["output_tok_per_s"]
+    pooled: dict[tuple[str, int | None], dict[str, list[float]]] = {}
+    for (conc, _temp, _round_), speeds in sorted(by_cell.items()):
+        base, control = speeds.get(BASELINE), speeds.get(CONTROL)
+        for config, speed in speeds.items():
+            if config == BASELINE or base is None:
+                continue
+            for group in (conc, None):
+                ratios = pooled.setdefault((config, group), {"none": [], "control": []})
+                ratios["none"].append(speed / base)
+                if control is not None and config != CONTROL:
+                    ratios["control"].append(speed / control)
+    levels = {conc for conc, _temp, _round_ in by_cell}
+    summary = []
+    for (config, conc), ratios in pooled.items():
+        if len(ratios["none"]) < POOLED_MIN_CELLS or (conc is None and len(levels) < 2):
+            continue
+        entry: dict[str, Any] = {"config": config, "concurrency": conc,
+                                 "cells": len(ratios["none"])}
+        for name in ("none", "control"):
+            if len(ratios[name]) >= POOLED_MIN_CELLS:
+                mean, low, high = _geometric_interval(ratios[name])
+                entry.update({f"vs_{name}": round(mean, 3), f"vs_{name}_low": round(low, 3),
+                              f"vs_{name}_high": round(high, 3)})
+        summary.append(entry)
+    summary.sort(key=lambda e: (e["config"], e["concurrency"] is None, e["concurrency"] or 0))
+    return summary
+
+
 def _round(x: float | None, digits: int = 3) -> float | None:
     return None if x is None else round(x, digits)
 
@@ -306,7 +382,7 @@ def build_report(cells: Sequence[CellResult], settings: dict[str, Any],
                  meta: dict[str, Any]) -> dict[str, Any]:
     rows = summarize(cells)
     return {"schema": SCHEMA, **meta, "settings": settings, "results": rows,
-            "repeats": repeat_summary(rows)}
+            "repeats": repeat_summary(rows), "pooled": pooled_summary(rows)}
 
 
 def _fmt(x: Any, spec: str = "") -> str:
@@ -395,6 +471,18 @@ def markdown_table(report: dict[str, Any]) -> str:
                   f"{_span(s.get('net_low'), s.get('net_high'))} | "
                   f"{s['repeats']} |"
                   for s in summary]
+    pooled = report.get("pooled") or []
+    if pooled:
+        lines += ["", "Pooled over temperatures and rounds: geometric mean of the cells' "
+                  "ratios and its ~95% interval.", "",
+                  "| config | conc. | cells | vs none | interval | vs none-control "
+                  "| interval |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {p['config']} | {p['concurrency'] or 'all'} | {p['cells']} | "
+                  f"{_times(p.get('vs_none'))} | "
+                  f"{_span(p.get('vs_none_low'), p.get('vs_none_high'))} | "
+                  f"{_times(p.get('vs_control'))} | "
+                  f"{_span(p.get('vs_control_low'), p.get('vs_control_high'))} |"
+                  for p in pooled]
     return "\n".join(lines) + "\n"
 
 

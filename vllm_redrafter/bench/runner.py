@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vllm_redrafter.bench.report import CellResult, SpecCounters
+from vllm_redrafter.bench.report import CONTROL, CellResult, SpecCounters
 from vllm_redrafter.logger import get_logger
 
 logger = get_logger(__name__)
@@ -75,7 +75,7 @@ def config_specs(drafter: str | None, beam_width: int, beam_length: int,
     return specs
 
 
-CONTROL_CONFIG = "none-control"
+CONTROL_CONFIG = CONTROL
 """A second engine without speculation, measured like any other config: its ratio to
 ``none`` (an A/A comparison) shows how far two identical engines read apart in that cell,
 the noise band every other ratio of the run sits in."""
