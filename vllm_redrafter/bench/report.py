@@ -36,9 +36,10 @@ CONTROL = "none-control"
 """The second plain engine (``bench --configs ...,none-control``): an A/A check."""
 
 _T975 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16,
-         2.14, 2.13, 2.12, 2.11, 2.10, 2.09, 2.09)
-"""Student's t, two-sided 95% (the 0.975 quantile), for 1..20 degrees of freedom; 2.0
-beyond (2.04 at 30, 1.96 in the limit)."""
+         2.14, 2.13, 2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05,
+         2.05, 2.05, 2.04)
+"""Student's t, two-sided 95% (the 0.975 quantile), for 1..30 degrees of freedom; 2.02
+beyond (t at 40; 2.00 at 60, 1.96 in the limit)."""
 
 
 @dataclasses.dataclass
@@ -318,7 +319,7 @@ def _geometric_interval(ratios: Sequence[float]) -> tuple[float, float, float]:
     mean = statistics.fmean(logs)
     if len(logs) < 2:
         return math.exp(mean), math.nan, math.nan
-    t = _T975[len(logs) - 2] if len(logs) - 1 <= len(_T975) else 2.0
+    t = _T975[len(logs) - 2] if len(logs) - 1 <= len(_T975) else 2.02
     half = t * statistics.stdev(logs) / math.sqrt(len(logs))
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
