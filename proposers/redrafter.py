@@ -802,8 +802,9 @@ class ReDrafterProposer:
             beam's ``L - 1`` tokens (a chain) for the others.
         """
         start, cost_start = time.perf_counter(), self._cost_clock()
-        self._observe(step.costs)
-        self._close_cycle(step.costs, cost_start)
+        decode_only = self._decode_only(step.costs)  # before the cycle closes
+        self._observe(step.costs, decode_only)
+        self._close_cycle(step.costs, cost_start, decode_only)
         self._attribute(step)
         # {row: candidates} at the full depth: before the decision only where they pick
         # the policy, else only for a step that drafts (none on plain-decoding steps)
@@ -847,26 +848,27 @@ class ReDrafterProposer:
         self._cycle = _Cycle(began, num_reqs, length, policy, self._cost_clock() - began,
                              decode_tokens)
 
-    def _close_cycle(self, costs: StepCosts | None, now: float) -> None:
+    def _close_cycle(self, costs: StepCosts | None, now: float, decode_only: bool) -> None:
         """The cycle since the last drafting call, with the target's step measured inside
         it, to the policy that chose its draft (:meth:`DraftPolicy.observe_cycle`); only
         where that step decoded and verified the drafts and nothing else. A step that
         also prefilled (more tokens than the drafts and one per request) carries the new
         requests' scheduling: in-process at 64 requests such steps put a plain step's
         overhead at 57 ms against 5 ms for decode-only steps, which made drafting look
-        1.26x faster than plain decoding."""
-        decode_only = costs is not None and self._decode_only(costs)
+        1.26x faster than plain decoding. ``decode_only``: :meth:`_decode_only`."""
         last, self._cycle = self._cycle, None
-        if not decode_only or costs.forward_seconds is None:
+        if not decode_only or costs is None or costs.forward_seconds is None:
             return
         last.policy.observe_cycle(last.num_reqs, last.length, now - last.began,
                                   costs.forward_seconds, last.spent)
 
-    def _decode_only(self, costs: StepCosts) -> bool:
+    def _decode_only(self, costs: StepCosts | None) -> bool:
         """Whether the step that just ran decoded the open cycle's requests and verified
         its drafts and nothing more (no more tokens than one per request plus the
-        drafts: no prefill beside them)."""
-        return self._cycle is not None and costs.num_tokens <= self._cycle.decode_tokens
+        drafts: no prefill beside them). Read before :meth:`_close_cycle` clears the
+        cycle; both it and :meth:`_observe` take this one answer."""
+        return (costs is not None and self._cycle is not None
+                and costs.num_tokens <= self._cycle.decode_tokens)
 
     def _beams(self, step: DraftStep, sample_hidden_states: torch.Tensor) -> torch.Tensor:
         """The step's beams on the host, ``[B, W, L]`` (one device-to-host copy); raises
@@ -881,7 +883,7 @@ class ReDrafterProposer:
             raise FloatingPointError("non-finite target hidden state in the drafter's input")
         return host[:, :-1].reshape(beams.shape)  # [B, W, L]
 
-    def _observe(self, costs: StepCosts | None) -> None:
+    def _observe(self, costs: StepCosts | None, decode_only: bool) -> None:
         """Feed the finished step's measured cost and acceptance to the policy.
 
         Plain steps (prefills included) go to ``policy.plain``; steps that verified
@@ -895,7 +897,7 @@ class ReDrafterProposer:
         if costs.forward_seconds is not None:  # verification and plain steps apart
             if not costs.verified:
                 self.policy.plain.observe(costs.num_tokens, costs.forward_seconds)
-            elif self._decode_only(costs):
+            elif decode_only:
                 self.policy.target.observe(costs.num_tokens, costs.forward_seconds)
         # the depth drafted last step (a chain's length; a tree's depth, whatever its
         # node count)

@@ -312,13 +312,11 @@ POOLED_MIN_CELLS = 3
 
 
 def _geometric_interval(ratios: Sequence[float]) -> tuple[float, float, float]:
-    """Geometric mean of ``ratios`` and its ~95% t-interval (on the logs); the interval
-    is ``(nan, nan)`` for one ratio. Example: ``[0.9, 1.1, 1.0, 1.0]`` -> mean 0.997,
-    interval 0.876-1.136 (sd of the logs 0.082, t(3) = 3.18, over sqrt(4))."""
+    """Geometric mean of ``ratios`` (at least two) and its ~95% t-interval (on the
+    logs). Example: ``[0.9, 1.1, 1.0, 1.0]`` -> mean 0.997, interval 0.876-1.136 (sd of
+    the logs 0.082, t(3) = 3.18, over sqrt(4))."""
     logs = [math.log(r) for r in ratios]
     mean = statistics.fmean(logs)
-    if len(logs) < 2:
-        return math.exp(mean), math.nan, math.nan
     t = _T975[len(logs) - 2] if len(logs) - 1 <= len(_T975) else 2.02
     half = t * statistics.stdev(logs) / math.sqrt(len(logs))
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
@@ -342,22 +340,23 @@ def pooled_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     Example: at c=16 two rounds of two temperatures with the config at 1.0, 0.9, 1.1 and
     1.0x of ``none`` -> ``{"concurrency": 16, "cells": 4, "vs_none": 0.997,
     "vs_none_low": 0.876, "vs_none_high": 1.136, ...}``."""
-    by_cell: dict[tuple[int, float, int], dict[str, float]] = {}
+    by_cell: dict[tuple[int, float, int], dict[str, dict[str, Any]]] = {}
     for r in rows:
         if r["status"] == "ok" and r["output_tok_per_s"]:
             key = (r["concurrency"], r["temperature"], r.get("repeat", 0))
-            by_cell.setdefault(key, {})[r["config"]] = r["output_tok_per_s"]
+            by_cell.setdefault(key, {})[r["config"]] = r
     pooled: dict[tuple[str, int | None], dict[str, list[float]]] = {}
-    for (conc, _temp, _round_), speeds in sorted(by_cell.items()):
-        base, control = speeds.get(BASELINE), speeds.get(CONTROL)
-        for config, speed in speeds.items():
-            if config == BASELINE or base is None:
-                continue
+    for (conc, _temp, _round_), cell in sorted(by_cell.items()):
+        control = cell.get(CONTROL)
+        for config, row in cell.items():
+            if config == BASELINE or row["speedup_vs_baseline"] is None:
+                continue  # summarize() found no baseline cell to divide by
             for group in (conc, None):
                 ratios = pooled.setdefault((config, group), {"none": [], "control": []})
-                ratios["none"].append(speed / base)
+                ratios["none"].append(row["speedup_vs_baseline"])
                 if control is not None and config != CONTROL:
-                    ratios["control"].append(speed / control)
+                    ratios["control"].append(row["output_tok_per_s"]
+                                             / control["output_tok_per_s"])
     levels = {conc for conc, _temp, _round_ in by_cell}
     summary = []
     for (config, conc), ratios in pooled.items():
